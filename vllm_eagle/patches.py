@@ -1,0 +1,73 @@
+"""The only place vllm_eagle changes vLLM internals. Each patch has a ledger entry; `apply()` is idempotent and runs
+in every process from `register()`. tests/test_patches.py fails if the patched targets change shape.
+
+Ledger
+------
+P1  EngineArgs.add_cli_args  (vllm/engine/arg_utils.py)
+    Why:    users asked for `vllm serve TARGET --speculative-model HEAD --num-speculative-tokens K`; vLLM 0.32 only has
+            --speculative-config/--spec-*. General plugins load before argparse (AsyncEngineArgs.add_cli_args), but
+            there is no hook to add flags.
+    What:   wraps the static method to append an "EAGLE (vllm-eagle)" argument group.
+    Remove: when vLLM offers a plugin CLI-argument hook.
+P2  EngineArgs.from_cli_args (vllm/engine/arg_utils.py)
+    Why:    argparse attributes that are not EngineArgs fields are dropped; our flags must become engine arguments.
+    What:   wraps the class method: when --speculative-model is given, fills speculative_config, additional_config,
+            worker_cls and enable_prefix_caching from vllm_eagle.speculative_kwargs (errors out if
+            --speculative-config is also given).
+    Remove: with P1.
+"""
+from __future__ import annotations
+
+import argparse
+
+_applied = False
+
+
+def add_eagle_args(parser) -> None:
+    g = parser.add_argument_group("EAGLE (vllm-eagle)", "EAGLE speculative decoding from the vllm-eagle plugin")
+    g.add_argument("--speculative-model", default=None, metavar="HEAD",
+                   help="EAGLE-1 head folder; turns on vllm-eagle speculation")
+    g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K", help="draft tokens per step (K)")
+    g.add_argument("--eagle-tree", default="chain", help="draft shape: chain")
+
+
+def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
+    head = getattr(args, "speculative_model", None)
+    if not head:
+        return engine_args
+    from .config import CONFIG_KEY, speculative_kwargs
+    if engine_args.speculative_config:
+        raise ValueError("--speculative-model and --speculative-config are mutually exclusive: use one of them")
+    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model)
+    engine_args.speculative_config = kw["speculative_config"]
+    engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: kw["additional_config"][CONFIG_KEY]}
+    if engine_args.worker_cls not in ("auto", kw["worker_cls"]):
+        raise ValueError(f"--speculative-model needs --worker-cls {kw['worker_cls']}, got {engine_args.worker_cls}")
+    engine_args.worker_cls = kw["worker_cls"]
+    if engine_args.enable_prefix_caching is None:
+        engine_args.enable_prefix_caching = False
+    return engine_args
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    from vllm.engine.arg_utils import EngineArgs
+
+    add_cli_args = EngineArgs.add_cli_args            # P1
+
+    def _add_cli_args(parser, *a, **kw):
+        parser = add_cli_args(parser, *a, **kw)
+        add_eagle_args(parser)
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(_add_cli_args)
+
+    from_cli_args = EngineArgs.from_cli_args.__func__  # P2
+
+    def _from_cli_args(cls, args):
+        return engine_args_from_eagle_flags(from_cli_args(cls, args), args)
+
+    EngineArgs.from_cli_args = classmethod(_from_cli_args)

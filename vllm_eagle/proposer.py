@@ -1,0 +1,59 @@
+"""EagleProposer: our EAGLE-1 proposer, plugged into vLLM through `speculative_config.method = "custom_class"`.
+
+vLLM constructs it in the worker and calls `load_model(target)`; our worker's runner (worker.py) then calls
+`propose_step(FeatureBatch)` each step with the target's features. Verification of the chain runs in vLLM's own
+rejection sampler, so greedy output is the target's and sampled output follows the target's distribution.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import WORKER_CLASS, EagleOptions
+from .draft import commit_entries, draft_chain
+from .draft_head import EagleHead, check_head_matches_target, read_config
+from .draft_kv import DraftKVCache
+from .features import FeatureBatch
+
+
+class EagleProposer:
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self.options = EagleOptions.from_vllm_config(vllm_config)
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.dtype = vllm_config.model_config.dtype
+        self.head: EagleHead | None = None
+
+    def load_model(self, target: torch.nn.Module) -> None:
+        hf = self.vllm_config.model_config.hf_config
+        check_head_matches_target(read_config(self.options.head), hf.to_dict(), self.options.head)
+        self.target = target
+        self.vocab_size = self.vllm_config.model_config.get_vocab_size()
+        self.head = EagleHead.from_pretrained(self.options.head, dtype=self.dtype)
+        self.kv = DraftKVCache(self.head.cfg.num_kv_heads, self.head.cfg.head_dim, self.dtype)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.target.embed_input_ids(token_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.target.compute_logits(hidden)[:, : self.vocab_size]
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError(f"vllm_eagle's proposer needs target features, which only its worker provides: start the "
+                           f"engine with worker_cls={WORKER_CLASS!r} (vllm_eagle.speculative_kwargs or "
+                           f"`vllm serve TARGET --speculative-model HEAD` set it)")
+
+    def propose_step(self, fb: FeatureBatch) -> list[list[int]]:
+        """features -> commit entries -> draft. Returns draft token ids per row ([] = no speculation for the row)."""
+        self.kv.free(fb.finished_req_ids)
+        x, last = commit_entries(self.head, self.kv, fb, self.embed)
+        pos_last = fb.start_pos + fb.num_committed - 1
+        rows = np.nonzero(fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len))[0]
+        out: list[list[int]] = [[] for _ in fb.req_ids]
+        if len(rows) == 0 or fb.num_drafts <= 0:
+            return out
+        drafts = draft_chain(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
+                             pos_last[rows], fb.num_drafts, self.embed, self.logits)
+        for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
+            out[r] = d
+        return out

