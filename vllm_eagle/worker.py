@@ -39,7 +39,19 @@ class EagleCPUModelRunner(CPUModelRunner):
 
 
 class EagleCPUWorker(CPUWorker):
+    def eagle_stats(self, reset: bool = False) -> dict:
+        """Proposer counters (collective_rpc("eagle_stats")); {} when this engine does not run our proposer."""
+        drafter = getattr(self.model_runner, "drafter", None)
+        if not isinstance(drafter, EagleProposer):
+            return {}
+        out = dict(vars(drafter.stats))
+        if reset:
+            drafter.stats = type(drafter.stats)()
+        return out
+
     def init_device(self) -> None:
+        from . import trace
+        trace("worker")
         super().init_device()
         if not isinstance(self.model_runner, EagleCPUModelRunner):
             self.model_runner = EagleCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -1,0 +1,77 @@
+"""Shared fixtures. Engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 with OMP_NUM_THREADS=1: ~3 s startup;
+without the thread cap the CPU attention kernel stalls), fp32 wherever outputs are compared exactly."""
+import os
+
+for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(k, v)
+
+import gc
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from builders import make_oracle_pair, make_random_head, make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny(models_dir):
+    return make_tiny_llama(os.path.join(models_dir, "tiny"))
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny, models_dir):
+    """(target with identity layers, head that drafts exactly its next token)."""
+    return make_oracle_pair(tiny, models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_random_head(tiny, models_dir):
+    return make_random_head(tiny, os.path.join(models_dir, "tiny-random-head"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import vllm_eagle
+    return vllm_eagle.default_target()
+
+
+@pytest.fixture(scope="session")
+def smollm2_head():
+    import vllm_eagle
+    head = vllm_eagle.default_head()
+    assert os.path.isfile(os.path.join(head, "model.safetensors")), "the shipped default head is missing"
+    return head
+
+
+def make_llm(model, spec=None, dtype="float32", **kw):
+    from vllm import LLM
+    return LLM(model=model, dtype=dtype, enforce_eager=True, disable_log_stats=False, max_model_len=kw.pop("max_model_len", 1024),
+               seed=0, **(spec or {}), **kw)
+
+
+def close(llm):
+    llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
+    del llm
+    gc.collect()
+
+
+def spec_counters(llm) -> dict:
+    """Cumulative spec-decode counters: drafts, draft_tokens, accepted, per_pos."""
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num_"):
+            out[m.name[len("vllm:spec_decode_num_"):]] = getattr(m, "values", None) or getattr(m, "value", None)
+    return out

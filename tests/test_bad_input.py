@@ -1,0 +1,67 @@
+"""Bad input fails at start-up with an error that names the problem and the fix."""
+import os
+import subprocess
+import sys
+
+import pytest
+from builders import make_random_head
+from conftest import make_llm
+
+import vllm_eagle
+from vllm_eagle.config import EagleOptionError
+
+
+@pytest.fixture(scope="module")
+def wrong_hidden_head(tiny, models_dir):
+    return make_random_head(tiny, os.path.join(models_dir, "wrong-hidden"), hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def wrong_vocab_head(tiny, models_dir):
+    return make_random_head(tiny, os.path.join(models_dir, "wrong-vocab"), vocab_size=999)
+
+
+def test_missing_head_path():
+    with pytest.raises(EagleOptionError, match=r"/no/such/head.*does not exist"):
+        vllm_eagle.speculative_kwargs("/no/such/head")
+
+
+@pytest.mark.parametrize("k", [0, -2])
+def test_non_positive_k(tiny_random_head, k):
+    with pytest.raises(EagleOptionError, match="num_speculative_tokens must be a positive integer"):
+        vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=k)
+
+
+def test_head_without_weights(tmp_path, tiny_random_head):
+    d = tmp_path / "cfg-only"
+    d.mkdir()
+    (d / "config.json").write_text(open(os.path.join(tiny_random_head, "config.json")).read())
+    from vllm_eagle.draft_head import EagleHead, HeadConfigError
+    with pytest.raises(HeadConfigError, match="no \\*.safetensors"):
+        EagleHead.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("fixture,field", [("wrong_hidden_head", "hidden_size: head 64 vs target 128"),
+                                           ("wrong_vocab_head", "vocab_size: head 999 vs target 1024")])
+def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture, field):
+    head = request.getfixturevalue(fixture)
+    with pytest.raises(EagleOptionError, match=field):
+        vllm_eagle.speculative_kwargs(head, target=tiny)
+    # Without target= the check runs when the worker loads the head: the engine refuses to start, naming the field.
+    with pytest.raises(Exception, match=field):
+        make_llm(tiny, vllm_eagle.speculative_kwargs(head))
+
+
+def test_serve_cli_rejects_missing_head(tiny):
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny, "--port", "1",
+                        "--speculative-model", "/no/such/head"], capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "/no/such/head' does not exist" in r.stderr, r.stderr[-2000:]
+
+
+def test_serve_cli_rejects_two_spec_flags(tiny, tiny_random_head):
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny, "--port", "1",
+                        "--speculative-model", tiny_random_head, "--speculative-config", '{"method": "ngram"}'],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "mutually exclusive" in r.stderr, r.stderr[-2000:]

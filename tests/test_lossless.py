@@ -1,0 +1,95 @@
+"""Greedy losslessness: with our speculation the target's greedy output is reproduced token for token (fp32)."""
+import pytest
+from conftest import close, make_llm, spec_counters
+from vllm import SamplingParams
+
+import vllm_eagle
+from vllm_eagle.assets import chat_prompts, mtbench_questions
+
+GREEDY = SamplingParams(temperature=0, max_tokens=64)
+
+
+def generate(llm, prompts, one_at_a_time: bool) -> list[list[int]]:
+    if one_at_a_time:
+        return [list(llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def mtbench_prompts(smollm2):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    return chat_prompts(tok, [q["turns"][0] for q in mtbench_questions()[::5]])     # 16 prompts, all 8 categories
+
+
+@pytest.fixture(scope="module")
+def vanilla(smollm2, mtbench_prompts):
+    llm = make_llm(smollm2)
+    out = {mode: generate(llm, mtbench_prompts, mode) for mode in (True, False)}
+    close(llm)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k):
+    assert len(mtbench_prompts) == 16
+    llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, target=smollm2))
+    for one_at_a_time in (True, False):
+        got = generate(llm, mtbench_prompts, one_at_a_time)
+        for i, (a, b) in enumerate(zip(got, vanilla[one_at_a_time])):
+            assert a == b, f"prompt {i} (batch-1={one_at_a_time}, K={k}) diverges at token " \
+                           f"{next(j for j, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)}"
+    c = spec_counters(llm)
+    close(llm)
+    assert c["drafts"] > 0 and c["draft_tokens"] == k * c["drafts"]
+    assert c["accepted_tokens"] > 0, c                     # the trained head is accepted on the real model
+    assert len(c["accepted_tokens_per_pos"]) == k
+
+
+def test_oracle_pair_lossless_with_high_acceptance(oracle):
+    """The oracle head drafts exactly the target's next token: accepted, rejected-free and bonus paths, tau > 2."""
+    target, head = oracle
+    prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self."]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    base = make_llm(target)
+    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    close(base)
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    c = spec_counters(llm)
+    close(llm)
+    assert got == want
+    tau = 1 + c["accepted_tokens"] / c["drafts"]
+    assert tau > 2.0, c
+
+
+def test_random_head_is_rejected_but_lossless(tiny, tiny_random_head):
+    prompts = ["def main(", "import os", "class Foo:"]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = make_llm(tiny)
+    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    close(base)
+    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=4))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    c = spec_counters(llm)
+    close(llm)
+    assert got == want
+    assert c["drafts"] > 0 and c["accepted_tokens"] < c["draft_tokens"] / 4     # mostly rejected: the rejection path ran
+
+
+def test_chunked_prefill_and_mixed_lengths(oracle):
+    """Long prompts split into prefill chunks next to decoding rows: draft KV of every chunk is committed."""
+    target, head = oracle
+    long = " ".join(["for i in range(10): print(i)"] * 40)
+    prompts = [long, "def main(", long[:300], "import os"]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    kw = dict(max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=True)
+    base = make_llm(target, **kw)
+    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    close(base)
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3), **kw)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    c = spec_counters(llm)
+    close(llm)
+    assert got == want
+    assert 1 + c["accepted_tokens"] / c["drafts"] > 2.0, c      # acceptance survives chunking

@@ -1,0 +1,81 @@
+"""`vllm-eagle` command: generate (the main job: speculative decoding on the default model and head), train, bench."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _env() -> None:
+    # The CPU backend needs an explicit KV budget here (the VM's NUMA node under-reports memory); no hub access.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def spec_counters(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num_"):
+            out[m.name[len("vllm:spec_decode_num_"):]] = getattr(m, "values", None) or getattr(m, "value", None)
+    return out
+
+
+def generate(argv: list[str]) -> None:
+    import vllm_eagle
+    p = argparse.ArgumentParser(prog="vllm-eagle generate",
+                                description="Generate with EAGLE speculation and report tokens/s and tau.")
+    p.add_argument("--target", help="HF model folder (default: SmolLM2-135M-Instruct, prepared on first use)")
+    p.add_argument("--head", help="EAGLE-1 head folder (default: the head shipped for SmolLM2)")
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--compare", action="store_true", help="also run vanilla vLLM and print the speedup")
+    a = p.parse_args(argv)
+    _env()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from .assets import chat_prompts, mtbench_questions
+    target = a.target or vllm_eagle.default_target()
+    head = a.head or vllm_eagle.default_head()
+    spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=a.num_speculative_tokens, target=target)
+    questions = a.prompt or [q["turns"][0] for q in mtbench_questions()[:4]]
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(target), questions)
+    sp = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, seed=0)
+
+    def run(kw):
+        llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False, **kw)
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)           # warm-up
+        before = spec_counters(llm)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        after = spec_counters(llm)
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        delta = {k: after[k] - before.get(k, 0) for k in ("drafts", "accepted_tokens") if k in after}
+        return outs, n / dt, delta
+    outs, tps, c = run(spec)
+    for q, o in zip(questions, outs):
+        print(f"\n### {q}\n{o.outputs[0].text}")
+    tau = 1 + c["accepted_tokens"] / c["drafts"] if c.get("drafts") else float("nan")
+    print(f"\nvllm-eagle: {len(prompts)} prompts, K={a.num_speculative_tokens}, {a.dtype}: {tps:.1f} tokens/s, "
+          f"mean acceptance length tau = {tau:.2f}")
+    if a.compare:
+        _, base_tps, _ = run({})
+        print(f"vanilla vLLM: {base_tps:.1f} tokens/s -> speedup {tps / base_tps:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cmds = {"generate": generate, "train": lambda rest: __import__("vllm_eagle.train.train_head", fromlist=["main"]).main(rest),
+            "bench": lambda rest: __import__("benchmarks.run", fromlist=["main"]).main(rest)}
+    if not argv or argv[0] not in cmds:
+        print("usage: vllm-eagle {generate,train,bench} [options]  (see vllm-eagle CMD --help)")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    cmds[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
