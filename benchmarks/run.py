@@ -1,0 +1,269 @@
+"""One command, side by side: vanilla vLLM, vLLM native `method: eagle` (same head), vLLM ngram, and ours.
+
+    python -m benchmarks.run [--quick] [--batch-sizes 1 8] [--workloads mtbench humaneval sharegpt] ...
+
+Every configuration runs the same prompts in this one process, one engine at a time (the default multiprocess
+topology: worker on core 0, engine core + front end on core 1), after a warm-up, with the median of --reps timed
+repetitions. Rows go to benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
+Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
+length = 1 + accepted/drafts), per-position acceptance, and for ours the cost model: c = one draft depth over one
+vanilla step, v(K) = one verify step (target forward over K+1 tokens per request) over one vanilla step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Row:
+    config: str                 # vanilla | ngram-k3 | native-eagle-k3 | ours-chain-k3
+    workload: str
+    temperature: float
+    batch_size: int
+    num_prompts: int
+    max_tokens: int
+    tokens_per_s: float         # median over reps
+    tokens_per_s_reps: list
+    speedup: float | None = None
+    tau: float | None = None
+    per_position_acceptance: list | None = None
+    draft_cost_c: float | None = None
+    verify_cost_v: float | None = None
+    step_ms: float | None = None
+
+
+@dataclass
+class Config:
+    name: str
+    spec: dict = field(default_factory=dict)
+    k: int = 0
+
+
+def configs(head: str, ks: list[int], which: list[str]) -> list[Config]:
+    import vllm_eagle
+    out = [Config("vanilla")]
+    for k in ks:
+        if "ngram" in which:
+            out.append(Config(f"ngram-k{k}", {"speculative_config": {"method": "ngram", "num_speculative_tokens": k,
+                                                                     "prompt_lookup_max": 4, "prompt_lookup_min": 2}}, k))
+        if "native" in which:
+            out.append(Config(f"native-eagle-k{k}", {"speculative_config": {"method": "eagle", "model": head,
+                                                                            "num_speculative_tokens": k}}, k))
+        if "ours" in which:
+            out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k))
+    return out
+
+
+def workloads(tokenizer, names: list[str], n: int) -> dict[str, list[str]]:
+    from vllm_eagle.assets import chat_prompts, humaneval_problems, mtbench_questions, sharegpt_path
+    out = {}
+    if "mtbench" in names:
+        out["mtbench"] = chat_prompts(tokenizer, [q["turns"][0] for q in mtbench_questions()])[:n]
+    if "humaneval" in names:
+        out["humaneval"] = [p["prompt"] for p in humaneval_problems()][:n]
+    if "sharegpt" in names:
+        from vllm_eagle.train.data import parse_sharegpt
+        with open(sharegpt_path(), encoding="utf-8") as f:
+            recs = parse_sharegpt(f.read(64 << 20), limit=4000)
+        # Held out from head training (which uses the first conversations): take from the end, short prompts only.
+        picked = [r["prompt"] for r in reversed(recs) if len(r["prompt"]) < 1500][:n]
+        out["sharegpt"] = chat_prompts(tokenizer, picked)
+    return out
+
+
+def spec_counters(llm) -> dict:
+    from vllm_eagle.cli import spec_counters as counters
+    return counters(llm)
+
+
+def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, max_tokens: int, reps: int) -> dict:
+    """Median tokens/s of `reps` passes over `prompts`, submitted `bs` at a time (every request makes max_tokens)."""
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+    chunks = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+    rates, before = [], spec_counters(llm)
+    eagle_before = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0] if cfg.name.startswith("ours") else {}
+    wall = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        n = sum(len(o.outputs[0].token_ids) for c in chunks for o in llm.generate(c, sp, use_tqdm=False))
+        dt = time.perf_counter() - t
+        wall += dt
+        rates.append(n / dt)
+    after = spec_counters(llm)
+    out = {"tokens_per_s": statistics.median(rates), "tokens_per_s_reps": [round(r, 2) for r in rates]}
+    if cfg.k and after.get("drafts"):
+        drafts = after["drafts"] - before.get("drafts", 0)
+        acc = after["accepted_tokens"] - before.get("accepted_tokens", 0)
+        per_pos = [a - b for a, b in zip(after["accepted_tokens_per_pos"],
+                                         before.get("accepted_tokens_per_pos", [0] * cfg.k))]
+        out["tau"] = 1 + acc / max(1, drafts)
+        out["per_position_acceptance"] = [round(p / max(1, drafts), 4) for p in per_pos]
+    if cfg.name.startswith("ours"):
+        st = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0]
+        out["step_ms"] = 1000 * wall / max(1, st["steps"])
+        out["draft_ms"] = 1000 * st["draft_s"] / max(1, st["steps"])
+    elif cfg.name == "vanilla":
+        out["step_ms"] = 1000 * wall / (reps * len(chunks) * max_tokens)
+    return out
+
+
+def environment() -> dict:
+    import torch
+    import vllm
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(__file__)).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit + ("-dirty" if dirty else ""),
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "vllm": vllm.__version__,
+            "torch": torch.__version__, "threads": {k: os.environ.get(k) for k in
+                                                   ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
+                                                    "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}}
+
+
+def fill_cost_model(rows: list[Row], raw: dict) -> None:
+    base = {(r.workload, r.temperature, r.batch_size): r for r in rows if r.config == "vanilla"}
+    for r in rows:
+        b = base.get((r.workload, r.temperature, r.batch_size))
+        if b is None:
+            continue
+        r.speedup = round(r.tokens_per_s / b.tokens_per_s, 3)
+        extra = raw.get(id(r), {})
+        if r.config.startswith("ours") and b.step_ms and r.step_ms:
+            k = int(r.config.rsplit("k", 1)[1])
+            r.draft_cost_c = round(extra["draft_ms"] / (k * b.step_ms), 3)
+            r.verify_cost_v = round((r.step_ms - extra["draft_ms"]) / b.step_ms, 3)
+
+
+def markdown(rows: list[Row], env: dict, cmd: str) -> str:
+    head = ("| workload | T | bs | config | tok/s | speedup | τ | per-position acceptance | c | v(K) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    body = "".join(
+        f"| {r.workload} | {r.temperature:g} | {r.batch_size} | {r.config} | {r.tokens_per_s:.1f} | "
+        f"{fmt(r.speedup, '.2f')}× | {fmt(r.tau, '.2f')} | "
+        f"{', '.join(f'{p:.2f}' for p in r.per_position_acceptance) if r.per_position_acceptance else '–'} | "
+        f"{fmt(r.draft_cost_c, '.3f')} | {fmt(r.verify_cost_v, '.2f')} |\n" for r in rows)
+    return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
+            f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
+            "tok/s = median of the timed repetitions; speedup vs vanilla in the same run.\n\n" + head + body)
+
+
+def plots(rows: list[Row], stem: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    for (wl, temp) in sorted({(r.workload, r.temperature) for r in rows}):
+        sel = [r for r in rows if r.workload == wl and r.temperature == temp]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for cfg in sorted({r.config for r in sel}):
+            rs = sorted((r for r in sel if r.config == cfg), key=lambda r: r.batch_size)
+            bss = [r.batch_size for r in rs]
+            axes[0].plot(bss, [r.speedup or 0 for r in rs], marker="o", label=cfg)
+            axes[1].plot(bss, [r.tokens_per_s for r in rs], marker="o", label=cfg)
+            pp = next((r.per_position_acceptance for r in rs if r.per_position_acceptance), None)
+            if pp:
+                axes[2].plot(range(1, len(pp) + 1), pp, marker="o",
+                             label=f"{cfg} (τ={statistics.mean(r.tau for r in rs if r.tau):.2f})")
+        axes[0].axhline(1.0, color="gray", lw=0.8)
+        for ax, title, xl in ((axes[0], "speedup vs vanilla", "batch size"), (axes[1], "tokens/s", "batch size"),
+                              (axes[2], "per-position acceptance (mean over batch sizes' first)", "draft position")):
+            ax.set_title(title)
+            ax.set_xlabel(xl)
+            ax.grid(alpha=0.3)
+        axes[0].set_xscale("log", base=2)
+        axes[1].set_xscale("log", base=2)
+        axes[0].legend(fontsize=7)
+        axes[2].legend(fontsize=7)
+        fig.suptitle(f"{wl}, temperature {temp:g}")
+        fig.tight_layout()
+        path = f"{stem}-{wl}-t{temp:g}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="MT-Bench only, greedy, bs 1 and 8, 128 tokens, K=3 (<10 min)")
+    p.add_argument("--target")
+    p.add_argument("--head")
+    p.add_argument("--workloads", nargs="+", default=["mtbench", "humaneval", "sharegpt"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--ks", nargs="+", type=int, default=[3, 5])
+    p.add_argument("--configs", nargs="+", default=["ngram", "native", "ours"])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, 4)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 128
+    import vllm_eagle
+    from transformers import AutoTokenizer
+    from vllm import LLM
+    target, head = a.target or vllm_eagle.default_target(), a.head or vllm_eagle.default_head()
+    need = max(max(a.batch_sizes) * a.prompts_per_batch, 4)
+    wls = workloads(AutoTokenizer.from_pretrained(target), a.workloads, need)
+    rows, raw = [], {}
+    for cfg in configs(head, a.ks, a.configs):
+        print(f"[bench] {cfg.name}", flush=True)
+        llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
+                  max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)
+        from vllm import SamplingParams
+        llm.generate(wls[next(iter(wls))][:2], SamplingParams(max_tokens=16), use_tqdm=False)   # warm-up
+        for wl, prompts in wls.items():
+            for temp in a.temperatures:
+                for bs in a.batch_sizes:
+                    n = max(bs * a.prompts_per_batch, 4)
+                    m = measure(llm, cfg, prompts[:n], bs, temp, a.max_tokens, a.reps)
+                    row = Row(cfg.name, wl, temp, bs, n, a.max_tokens, round(m["tokens_per_s"], 2),
+                              m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),
+                              per_position_acceptance=m.get("per_position_acceptance"),
+                              step_ms=m.get("step_ms") and round(m["step_ms"], 2))
+                    raw[id(row)] = m
+                    rows.append(row)
+                    print(f"[bench]   {wl} T={temp:g} bs={bs}: {row.tokens_per_s:.1f} tok/s"
+                          + (f", tau {row.tau:.2f}" if row.tau else ""), flush=True)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    fill_cost_model(rows, raw)
+    env = environment()
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
+    cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "command": cmd, "target": target, "head": head,
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
+    md = markdown(rows, env, cmd)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    pngs = plots(rows, stem)
+    print(md)
+    print(f"[bench] wrote {stem}.json, {stem}.md, " + ", ".join(pngs))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Head training: data parsing, feature capture, the multi-step rollout, and a tiny end-to-end run whose folder loads
+in our head module and in vLLM's native `method: eagle`."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import close, make_llm, spec_counters
+from vllm import SamplingParams
+
+import vllm_eagle
+from vllm_eagle.draft_head import EagleHead, HeadConfig, attend
+from vllm_eagle.train.data import DataFormatError, Example, parse_jsonl, parse_sharegpt, tokenize
+from vllm_eagle.train.rollout import rollout
+from vllm_eagle.train.train_head import PRESETS, capture_features, train
+
+REC = {"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]}
+
+
+def test_sharegpt_parser_survives_truncation():
+    text = json.dumps([REC, REC, {"id": "sys", "conversations": [{"from": "system", "value": "s"}]}, REC])
+    truncated = text[: text.rindex('"hello there"') + 5]                     # cut inside the last record
+    assert parse_sharegpt(truncated) == [{"prompt": "hi", "answer": "hello there"}] * 2
+    assert len(parse_sharegpt(text)) == 3 and len(parse_sharegpt(text, limit=1)) == 1
+
+
+def test_sharegpt_parser_on_the_packaged_file():
+    from vllm_eagle.assets import sharegpt_path
+    with open(sharegpt_path(), encoding="utf-8") as f:
+        recs = parse_sharegpt(f.read(4 << 20))                               # first 4 MB, cut mid-record
+    assert len(recs) > 100 and all(r["prompt"].strip() and r["answer"].strip() for r in recs)
+
+
+def test_malformed_records_are_rejected_clearly(tmp_path):
+    with pytest.raises(DataFormatError, match="record 1 has no 'conversations' list"):
+        parse_sharegpt(json.dumps([REC, {"id": "bad"}]))
+    with pytest.raises(DataFormatError, match="does not start with a JSON array"):
+        parse_sharegpt('{"a": 1}')
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:2: expected"):
+        parse_jsonl(str(p))
+    p.write_text('{"prompt": "a", "answer": "b"}\nnot json\n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:2: not JSON"):
+        parse_jsonl(str(p))
+
+
+def test_feature_capture_is_the_lm_head_input(tiny):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ex = Example(torch.randint(4, 1000, (37,)), torch.ones(37, dtype=torch.bool))
+    (f,) = capture_features(model, [ex], dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=ex.tokens[None]).logits[0]
+    assert f.shape == (37, model.config.hidden_size)
+    assert torch.equal(model.lm_head(f), logits)                          # exact in fp32
+
+
+def test_rollout_matches_step_by_step_recompute():
+    """Step j of the parallel rollout equals running the head entry by entry (as the draft loop does) from every
+    start position, with the true next tokens as draft tokens (fp32)."""
+    cfg = HeadConfig(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=50,
+                     rms_norm_eps=1e-6, rope_theta=10000.0)
+    head = EagleHead(cfg).eval()
+    B, T, steps = 2, 11, 3
+    feats, emb_next = torch.randn(B, T, 32), torch.randn(B, T, 32)
+    lengths = torch.tensor([11, 8])
+    with torch.no_grad():
+        outs = rollout(head, emb_next, feats, lengths, steps)
+        for b in range(B):
+            for p in range(int(lengths[b]) - steps):
+                ent_f, ent_e = list(feats[b, : p + 1]), list(emb_next[b, : p + 1])
+                for j in range(1, steps + 1):
+                    n = len(ent_f)
+                    x = head.project(torch.stack(ent_e), torch.stack(ent_f))
+                    q, k, v = head.qkv(x, torch.arange(n))
+                    g = head.finish(x, attend(q[None], k[None], v[None], torch.ones(n, n, dtype=torch.bool).tril()[None])[0])[-1]
+                    torch.testing.assert_close(outs[j - 1][b, p + j - 1], g, rtol=1e-4, atol=1e-5)
+                    ent_f.append(g)
+                    ent_e.append(emb_next[b, p + j])
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    data = d / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"write a loop number {i}",
+                                "answer": "for i in range(10):\n    print(i)\n" * (1 + i % 3)}) + "\n")
+    out = str(d / "head")
+    return out, train(tiny, out, PRESETS["tiny"], data="jsonl", data_path=str(data))
+
+
+def test_tiny_preset_learns_and_writes_official_layout(tiny_trained, tiny):
+    out, summary = tiny_trained
+    assert summary["times"]["last_loss"] < 0.8 * summary["times"]["first_loss"]
+    from safetensors.torch import load_file
+    keys = set(load_file(os.path.join(out, "model.safetensors")))
+    assert "fc.bias" not in keys and "fc.weight" in keys and all(k.startswith(("fc.", "layers.0.")) for k in keys)
+    head = EagleHead.from_pretrained(out)
+    assert head.cfg == HeadConfig.from_dir(tiny) and os.path.isfile(os.path.join(out, "README.md"))
+
+
+def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained, tiny):
+    """Same folder, same prompts, fp32 greedy: vLLM's own EAGLE loop and ours accept the same drafts per position,
+    i.e. our head, draft KV and rollout compute what vLLM's draft loop computes."""
+    out, _ = tiny_trained
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompts = ["def main(", "for i in", "write a loop", "print("]
+    results, accepted = {}, {}
+    for name, spec in (("native", {"speculative_config": {"method": "eagle", "model": out, "num_speculative_tokens": 2}}),
+                       ("ours", vllm_eagle.speculative_kwargs(out, num_speculative_tokens=2))):
+        llm = make_llm(tiny, spec)
+        results[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+        c = spec_counters(llm)
+        accepted[name] = (c["drafts"], c["accepted_tokens_per_pos"])
+        close(llm)
+    assert results["native"] == results["ours"]
+    assert accepted["native"] == accepted["ours"] and sum(accepted["ours"][1]) > 0, accepted
