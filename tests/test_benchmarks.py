@@ -11,7 +11,7 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
                  "--temperatures", "0", "--ks", "2", "--max-tokens", "8", "--reps", "1", "--out", str(tmp_path),
                  # ngram imports numba/llvmlite, whose objects crash vLLM 0.32's kernel-dispatcher scan when a later
                  # engine starts in the same process (in-process tests only; benchmarks run engines multiprocess).
-                 "--configs", "native", "ours"])
+                 "--configs", "native", "ours", "--serve-concurrency"])
     files = sorted(os.listdir(tmp_path))
     js = [f for f in files if f.endswith(".json")]
     assert len(js) == 1 and any(f.endswith(".md") for f in files) and any(f.endswith(".png") for f in files)
