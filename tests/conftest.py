@@ -3,7 +3,8 @@ without the thread cap the CPU attention kernel stalls), fp32 wherever outputs a
 import os
 
 for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "TRITON_INTERPRET": "1"}.items():           # our Triton kernels run interpreted (fp32) in tests
     os.environ.setdefault(k, v)
 
 import gc

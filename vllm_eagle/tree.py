@@ -1,0 +1,103 @@
+"""Draft trees as data: Medusa-style path tuples compiled once into buffers.
+
+A path tuple names a node by the top-k ranks taken from the root: (0,) is the root's best child, (1,) its second,
+(0, 1) the second-best child of (0,). Node 0 is the root (the last committed token); the others follow in BFS order
+(by depth, then path), so parent[i] < i and any prefix of the node list is itself a tree (vLLM truncates spec tokens
+from the tail). A chain of K is [(0,), (0, 0), ...].
+
+E.g. paths [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)] compile to
+  node     0   1     2     3       4       5
+  path     ()  (0,)  (1,)  (0,0)   (0,1)   (0,0,0)
+  parent   -1  0     0     1       1       3
+  depth    0   1     1     2       2       3
+  rank     0   0     1     0       1       0
+  first_child [1, 3, -1, 5, -1, -1]; next_sibling [-1, 2, -1, 4, -1, -1]
+  ancestors (bit j = node j is on the path root..i, itself included) [0b1, 0b11, 0b101, 0b1011, 0b10011, 0b101011]
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+import torch
+
+MAX_TREE_NODES = 64          # root included: ancestor sets are one int64 bitset per node
+
+
+class TreeSpecError(ValueError):
+    """A tree description that cannot be compiled; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """One tree, num_nodes = len(paths) + 1 (root first). Dynamic trees produce the same type each step."""
+    paths: tuple[tuple[int, ...], ...]   # [num_nodes] node paths, root = ()
+    parent: torch.Tensor                 # [num_nodes] int32, -1 at the root
+    depth: torch.Tensor                  # [num_nodes] int32
+    rank: torch.Tensor                   # [num_nodes] int32: top-k rank among siblings (0 at the root)
+    ancestors: torch.Tensor              # [num_nodes] int64 bitset: bit j set iff node j is on the path root..i
+    first_child: torch.Tensor            # [num_nodes] int32, -1 = leaf
+    next_sibling: torch.Tensor           # [num_nodes] int32, -1 = last sibling (siblings in ascending rank)
+    retrieve: torch.Tensor               # [num_leaves, max_depth + 1] int32: root..leaf node paths, -1 padded
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+
+def parse_paths(spec: str | list) -> list[tuple[int, ...]]:
+    """'[(0,), (1,), (0, 0)]' (or the list itself) -> list of tuples, validated."""
+    try:
+        paths = ast.literal_eval(spec) if isinstance(spec, str) else spec
+        paths = [tuple(p) for p in paths]
+    except (ValueError, SyntaxError, TypeError):
+        raise TreeSpecError(f"tree {spec!r} is not a list of path tuples such as '[(0,), (1,), (0, 0)]'") from None
+    for p in paths:
+        if not p or not all(isinstance(r, int) and r >= 0 for r in p):
+            raise TreeSpecError(f"tree path {p!r} must be a non-empty tuple of non-negative ranks")
+    return paths
+
+
+def compile_tree(spec: str | list) -> TreeBuffers:
+    paths = parse_paths(spec)
+    if len(set(paths)) != len(paths):
+        raise TreeSpecError(f"tree has duplicate paths: {sorted(p for p in set(paths) if paths.count(p) > 1)}")
+    if len(paths) + 1 > MAX_TREE_NODES:
+        raise TreeSpecError(f"tree has {len(paths)} nodes; at most {MAX_TREE_NODES - 1} are supported")
+    order = [()] + sorted(paths, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(order)}
+    for p in order[1:]:
+        if p[:-1] not in index:
+            raise TreeSpecError(f"tree path {p!r} has no parent {p[:-1]!r} in the tree")
+        if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in index:
+            raise TreeSpecError(f"tree path {p!r} skips rank {p[-1] - 1} of its parent's children")
+    n = len(order)
+    parent = [-1] + [index[p[:-1]] for p in order[1:]]
+    ancestors = [1]
+    for i in range(1, n):
+        ancestors.append(ancestors[parent[i]] | (1 << i))
+    first_child, next_sibling = [-1] * n, [-1] * n
+    for i in range(n - 1, 0, -1):                          # reversed, so siblings end up in ascending rank
+        next_sibling[i] = first_child[parent[i]]
+        first_child[parent[i]] = i
+    leaves = [i for i in range(n) if first_child[i] == -1]
+    D = max(len(p) for p in order)
+    retrieve = torch.full((len(leaves), D + 1), -1, dtype=torch.int32)
+    for r, leaf in enumerate(leaves):
+        path = [leaf]
+        while parent[path[-1]] != -1:
+            path.append(parent[path[-1]])
+        retrieve[r, : len(path)] = torch.tensor(path[::-1], dtype=torch.int32)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    # ancestors as signed int64: bit 63 is node 63's own bit
+    anc = torch.tensor([a - (1 << 64) if a >= 1 << 63 else a for a in ancestors], dtype=torch.int64)
+    return TreeBuffers(tuple(order), i32(parent), i32([len(p) for p in order]), i32([p[-1] if p else 0 for p in order]),
+                       anc, i32(first_child), i32(next_sibling), retrieve)
+
+
+def chain(k: int) -> TreeBuffers:
+    return compile_tree([(0,) * d for d in range(1, k + 1)])
