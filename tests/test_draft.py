@@ -57,7 +57,7 @@ def test_commit_and_chain_match_reference():
         assert last.tolist() == [1, 7, 11]
         pos_last = np.array([8, 5])
         got = draft_chain(head, kv, ["a", "b"], x[torch.from_numpy(last[:2])], pos_last, 3,
-                          lambda t: embed_w[t], lambda h: h @ lm_w.T)
+                          lambda t: embed_w[t], lambda h: (h @ lm_w.T).argmax(-1))
         for b, (r, p) in enumerate((("a", 8), ("b", 5))):
             want = reference_drafts(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], 3)
             assert got[b].tolist() == want, r

@@ -9,7 +9,7 @@ from conftest import close, make_llm, spec_counters
 from vllm import SamplingParams
 
 import vllm_eagle
-from vllm_eagle.draft_head import EagleHead, HeadConfig, attend
+from vllm_eagle.draft_head import EagleHead, HeadConfig, attend, load_draft_vocab
 from vllm_eagle.train.data import DataFormatError, Example, parse_jsonl, parse_sharegpt, tokenize
 from vllm_eagle.train.rollout import rollout
 from vllm_eagle.train.train_head import PRESETS, capture_features, train
@@ -100,6 +100,9 @@ def test_tiny_preset_learns_and_writes_official_layout(tiny_trained, tiny):
     assert "fc.bias" not in keys and "fc.weight" in keys and all(k.startswith(("fc.", "layers.0.")) for k in keys)
     head = EagleHead.from_pretrained(out)
     assert head.cfg == HeadConfig.from_dir(tiny) and os.path.isfile(os.path.join(out, "README.md"))
+    ids = load_draft_vocab(out)
+    # the tiny data has fewer than 256 distinct answer tokens: all of them, most frequent first
+    assert 0 < len(ids) <= 256 and len(set(ids.tolist())) == len(ids) and summary["draft_vocab_coverage"] == 1.0
 
 
 def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained, tiny):
@@ -110,7 +113,7 @@ def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained
     prompts = ["def main(", "for i in", "write a loop", "print("]
     results, accepted = {}, {}
     for name, spec in (("native", {"speculative_config": {"method": "eagle", "model": out, "num_speculative_tokens": 2}}),
-                       ("ours", vllm_eagle.speculative_kwargs(out, num_speculative_tokens=2))):
+                       ("ours", vllm_eagle.speculative_kwargs(out, num_speculative_tokens=2, draft_vocab=False))):
         llm = make_llm(tiny, spec)
         results[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
         c = spec_counters(llm)
@@ -118,3 +121,22 @@ def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained
         close(llm)
     assert results["native"] == results["ours"]
     assert accepted["native"] == accepted["ours"] and sum(accepted["ours"][1]) > 0, accepted
+
+
+def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tiny_trained, tiny, monkeypatch):
+    """With the head's draft vocabulary every draft token comes from it; output is still the target's."""
+    from vllm_eagle.proposer import EagleProposer
+    out, _ = tiny_trained
+    allowed = set(load_draft_vocab(out).tolist())
+    drafted = []
+    orig = EagleProposer._propose_step
+    monkeypatch.setattr(EagleProposer, "_propose_step", lambda self, fb: [d for d in orig(self, fb) if drafted.extend(d) or True])
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["def main(", "for i in", "write a loop"]
+    base = make_llm(tiny)
+    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    close(base)
+    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(out, num_speculative_tokens=3))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    close(llm)
+    assert got == want and drafted and set(drafted) <= allowed

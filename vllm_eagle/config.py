@@ -23,6 +23,7 @@ class EagleOptions:
     num_speculative_tokens: int                   # K: draft tokens per step (chain length)
     tree: str = "chain"                           # draft shape; only "chain" so far
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
+    draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
@@ -43,7 +44,7 @@ class EagleOptions:
                                    "`vllm serve TARGET --speculative-model HEAD`")
         k = vllm_config.speculative_config.num_speculative_tokens
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
-                   feature_layers=tuple(extra.get("feature_layers", ())))
+                   feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)))
 
 
 def validate_against_target(head: str, target: str | None) -> None:
@@ -56,7 +57,7 @@ def validate_against_target(head: str, target: str | None) -> None:
 
 
 def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "chain", *,
-                       target: str | None = None, feature_layers: tuple[int, ...] = ()) -> dict:
+                       target: str | None = None, feature_layers: tuple[int, ...] = (), draft_vocab: bool = True) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
     Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
@@ -64,7 +65,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "
     (the draft KV of a cached prefix is not rebuilt yet). Pass target= to check the head against it up front.
     """
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens, tree=tree,
-                        feature_layers=tuple(feature_layers))
+                        feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

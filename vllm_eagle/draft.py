@@ -45,12 +45,13 @@ def commit_entries(head: EagleHead, kv: DraftKVCache, fb: FeatureBatch,
 
 def draft_chain(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,
                 num_drafts: int, embed: Callable[[torch.Tensor], torch.Tensor],
-                logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                greedy_token: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Greedy chain of num_drafts tokens per request.
 
-    x_last   [B, H]  fc output of each request's last committed entry
-    pos_last [B]     its position p (the request has committed entries 0..p in the cache)
-    ->       [B, num_drafts] int64 draft token ids
+    x_last       [B, H]  fc output of each request's last committed entry
+    pos_last     [B]     its position p (the request has committed entries 0..p in the cache)
+    greedy_token         predicted features [B, H] -> most likely token ids [B] (through the shared LM head)
+    ->           [B, num_drafts] int64 draft token ids
     """
     B = len(req_ids)
     lengths = (pos_last + 1).tolist()
@@ -64,7 +65,7 @@ def draft_chain(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: t
     for depth in range(1, num_drafts + 1):
         mask = (col[None, :] < limit[:, None])[:, None, :]                 # [B, 1, T]
         g = head.finish(x, attend(q[:, None], k_pad, v_pad, mask)[:, 0])  # predicted feature, [B, H]
-        token = logits(g).argmax(dim=-1)                                   # [B]
+        token = greedy_token(g)                                            # [B]
         drafts.append(token)
         if depth == num_drafts:
             break

@@ -83,6 +83,22 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def load_draft_vocab(path: str) -> torch.Tensor | None:
+    """Token ids the head drafts from ([M] int64, most frequent first), or None if the folder has no draft
+    vocabulary. Kept outside *.safetensors so vLLM's native loader ignores it."""
+    f = os.path.join(path, DRAFT_VOCAB_FILE)
+    if not os.path.isfile(f):
+        return None
+    with open(f) as fh:
+        ids = json.load(fh)["token_ids"]
+    if not ids or len(set(ids)) != len(ids):
+        raise HeadConfigError(f"{f}: token_ids must be a non-empty list of distinct token ids")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def check_head_matches_target(head: dict, target: dict, head_path: str = "head") -> None:
     """Raise HeadConfigError naming every dimension where the head cannot draft for the target."""
     t = target.get("text_config", target)
@@ -93,6 +109,9 @@ def check_head_matches_target(head: dict, target: dict, head_path: str = "head")
         problems.append(f"attention heads: {h.num_heads} query heads not a multiple of {h.num_kv_heads} KV heads")
     if head.get("num_hidden_layers", 1) != 1:
         problems.append(f"num_hidden_layers: {head.get('num_hidden_layers')} (EAGLE-1 heads have exactly 1)")
+    dv = load_draft_vocab(head_path) if os.path.isdir(head_path) else None
+    if dv is not None and (int(dv.max()) >= tc.vocab_size or int(dv.min()) < 0):
+        problems.append(f"{DRAFT_VOCAB_FILE} has token ids outside the target vocabulary [0, {tc.vocab_size})")
     if problems:
         raise HeadConfigError(f"EAGLE head {head_path!r} does not fit this target: " + "; ".join(problems)
                               + ". Train a head for this target with `vllm-eagle train --target TARGET --out HEAD`.")

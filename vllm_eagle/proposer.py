@@ -14,7 +14,7 @@ import torch
 
 from .config import WORKER_CLASS, EagleOptions
 from .draft import commit_entries, draft_chain
-from .draft_head import EagleHead, check_head_matches_target, read_config
+from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
 
@@ -42,12 +42,30 @@ class EagleProposer:
         self.vocab_size = self.vllm_config.model_config.get_vocab_size()
         self.head = EagleHead.from_pretrained(self.options.head, dtype=self.dtype)
         self.kv = DraftKVCache(self.head.cfg.num_kv_heads, self.head.cfg.head_dim, self.dtype)
+        self.draft_vocab, self.draft_lm_head = self._draft_lm_head(target)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed_input_ids(token_ids)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.target.compute_logits(hidden)[:, : self.vocab_size]
+    def _draft_lm_head(self, target) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The LM-head rows drafting scores: the head's draft vocabulary (its most frequent tokens, see
+        draft_vocab.json) or the whole vocabulary. Verification always uses the full vocabulary, so a draft
+        vocabulary costs acceptance only when the target's choice lies outside it; argmax ignores logit scaling and
+        soft-capping, so the plain weight rows suffice."""
+        weight = getattr(getattr(target, "lm_head", None), "weight", None)
+        if weight is None or weight.ndim != 2 or getattr(target.lm_head, "bias", None) is not None:
+            return None, None                                   # unusual LM head: score through compute_logits
+        ids = load_draft_vocab(self.options.head) if self.options.draft_vocab else None
+        if ids is None:
+            return None, weight[: self.vocab_size]
+        return ids, weight[ids].contiguous()
+
+    def greedy_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """predicted features [B, H] -> draft token ids [B]"""
+        if self.draft_lm_head is None:
+            return self.target.compute_logits(hidden)[:, : self.vocab_size].argmax(dim=-1)
+        best = (hidden @ self.draft_lm_head.T).argmax(dim=-1)
+        return best if self.draft_vocab is None else self.draft_vocab[best]
 
     def propose(self, *args, **kwargs):
         raise RuntimeError(f"vllm_eagle's proposer needs target features, which only its worker provides: start the "
@@ -72,7 +90,7 @@ class EagleProposer:
         if len(rows) == 0 or fb.num_drafts <= 0:
             return out
         drafts = draft_chain(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
-                             pos_last[rows], fb.num_drafts, self.embed, self.logits)
+                             pos_last[rows], fb.num_drafts, self.embed, self.greedy_token)
         for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
             out[r] = d
         return out

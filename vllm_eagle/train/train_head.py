@@ -42,12 +42,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_minutes: float = 5.0
     threads: int = 0                   # 0 = torch default
+    draft_vocab_size: int = 8192       # most frequent answer tokens the head drafts from (0 = full vocabulary)
 
 
 PRESETS = {
     # The shipped SmolLM2 head: sized to train on one core of this 2-core CPU in about an hour.
     "smollm2-135m": TrainConfig(num_conversations=1500, max_len=384, batch_tokens=2048, steps=700),
     "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
+                        draft_vocab_size=256,
                         rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
 }
 
@@ -175,6 +177,18 @@ def load_records(data: str, path: str | None, n: int) -> list[dict]:
         return parse_sharegpt(f.read(), limit=n)
 
 
+def write_draft_vocab(out: str, examples: list[Example], size: int) -> float:
+    """Write the `size` most frequent answer tokens to OUT/draft_vocab.json; returns their share of answer tokens."""
+    from ..draft_head import DRAFT_VOCAB_FILE
+    answers = torch.cat([e.tokens[e.answer_mask] for e in examples])
+    counts = torch.bincount(answers)
+    top = counts.argsort(descending=True)[:size]
+    top = top[counts[top] > 0]
+    with open(os.path.join(out, DRAFT_VOCAB_FILE), "w") as f:
+        json.dump({"token_ids": top.tolist(), "source": "most frequent answer tokens of the training data"}, f)
+    return float(counts[top].sum() / counts.sum())
+
+
 def export(head: EagleHead, target_cfg: dict, out: str, card: str) -> None:
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
@@ -271,6 +285,9 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
                "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
                "heldout_examples": len(held), "heldout_top1_per_step": [round(x, 4) for x in heldout],
                "times": {k: round(v, 3) for k, v in times.items()}}
+    os.makedirs(out, exist_ok=True)
+    if cfg.draft_vocab_size:
+        summary["draft_vocab_coverage"] = round(write_draft_vocab(out, train_ex, cfg.draft_vocab_size), 4)
     card = ("# EAGLE-1 head\n\nTrained by `vllm-eagle train` for target "
             f"`{summary['target']}`. Official EAGLE-1 layout (vLLM 0.32 `method: eagle` loads it too).\n\n"
             "```json\n" + json.dumps(summary, indent=2) + "\n```\n")
