@@ -27,6 +27,7 @@ from .rollout import rollout
 class TrainConfig:
     num_conversations: int = 3000      # training conversations (held-out ones come on top)
     num_heldout: int = 100
+    data_offset: int = 0               # skip this many usable conversations (fresh data for a continued run)
     max_len: int = 512                 # tokens per sequence
     batch_tokens: int = 4096           # padded tokens per optimizer step
     steps: int = 2000
@@ -201,7 +202,7 @@ def export(head: EagleHead, target_cfg: dict, out: str, card: str) -> None:
 
 
 def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_path: str | None = None,
-          work_dir: str | None = None) -> dict:
+          work_dir: str | None = None, init: str | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -223,7 +224,8 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         feats = saved["features"]
         log(f"features: reusing {feats_path} ({sum(len(e.tokens) for e in examples)} tokens)")
     else:
-        records = load_records(data, data_path, cfg.num_conversations + cfg.num_heldout)
+        records = load_records(data, data_path, cfg.data_offset + cfg.num_conversations + cfg.num_heldout)
+        records = records[cfg.data_offset:]
         examples = tokenize(tok, records, cfg.max_len)
         times["data_s"] = time.time() - t0
         log(f"data: {len(records)} conversations -> {len(examples)} examples, "
@@ -238,7 +240,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     held, held_f = examples[:n_held], feats[:n_held]
     train_ex, train_f = examples[n_held:], feats[n_held:]
 
-    head = EagleHead(HeadConfig.from_hf_dict(target_cfg))
+    head = EagleHead.from_pretrained(init) if init else EagleHead(HeadConfig.from_hf_dict(target_cfg))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ckpt_path, step, trained_s = os.path.join(work_dir, "checkpoint.pt"), 0, 0.0
     if os.path.exists(ckpt_path):
@@ -270,7 +272,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
             acc = ", ".join(f"{t / max(1, c):.2f}" for t, c in zip(top1, counts))
             log(f"train: step {step}/{cfg.steps} loss {ema:.3f} top-1/step [{acc}] lr {lr_at(step, cfg):.2e} "
                 f"{el:.0f}s, eta {el / step * (cfg.steps - step):.0f}s")
-        if cfg.checkpoint_minutes and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+        if cfg.checkpoint_minutes and (time.time() - last_ckpt > 60 * cfg.checkpoint_minutes or step == cfg.steps):
             torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
                         "trained_s": trained_s + time.time() - t1}, ckpt_path)
             last_ckpt = time.time()
@@ -281,6 +283,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     heldout = evaluate(head, lm_head, embed, cfg, held, held_f)
     times["eval_s"] = time.time() - t2
     summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
+               "init": init,
                "train_examples": len(train_ex), "train_tokens": sum(len(e.tokens) for e in train_ex),
                "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
                "heldout_examples": len(held), "heldout_top1_per_step": [round(x, 4) for x in heldout],
@@ -308,16 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--conversations", type=int)
     p.add_argument("--rollout-steps", type=int)
+    p.add_argument("--data-offset", type=int, help="skip this many conversations (fresh data when continuing)")
     p.add_argument("--threads", type=int)
     p.add_argument("--work-dir", help="features + resumable checkpoint (default OUT.work)")
+    p.add_argument("--init", help="start from this head folder's weights (continue training a head)")
     a = p.parse_args(argv)
     cfg = PRESETS[a.preset]
     overrides = {"steps": a.steps, "num_conversations": a.conversations, "rollout_steps": a.rollout_steps,
-                 "threads": a.threads}
+                 "threads": a.threads, "data_offset": a.data_offset}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.data[0] not in ("sharegpt", "jsonl") or len(a.data) > 2:
         p.error("--data takes 'sharegpt' [PATH] or 'jsonl' PATH")
-    train(a.target, a.out, cfg, a.data[0], a.data[1] if len(a.data) > 1 else None, a.work_dir)
+    train(a.target, a.out, cfg, a.data[0], a.data[1] if len(a.data) > 1 else None, a.work_dir, a.init)
 
 
 if __name__ == "__main__":
