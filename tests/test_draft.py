@@ -41,7 +41,7 @@ def test_commit_and_chain_match_reference():
     # Earlier steps committed a[0..6] and c[0..3].
     for r, upto in (("a", 7), ("c", 4)):
         fb0 = FeatureBatch([r], feats[r][:upto], None, np.array([0, upto]), np.array([0]), np.array([upto]),
-                           np.array([False]), seqs[r][None].numpy(), np.array([upto + 1]), set(), 2)
+                           np.array([False]), seqs[r][None].numpy(), set(), 2)
         commit_entries(head, kv, fb0, lambda t: embed_w[t])
     # This step: a scheduled positions 7..9 (accepted 1 -> 2 committed), b 0..5 (6 committed), c 4..7 (4 committed).
     rows = [("a", 7, 3, 2, True), ("b", 0, 6, 6, True), ("c", 4, 4, 4, False)]
@@ -51,7 +51,7 @@ def test_commit_and_chain_match_reference():
     for i, (r, *_) in enumerate(rows):
         token_ids[i, : len(seqs[r])] = seqs[r].numpy()
     fb = FeatureBatch(["a", "b", "c"], torch.cat(feat_rows), None, qs, np.array([7, 0, 4]), np.array([2, 6, 4]),
-                      np.array([True, True, False]), token_ids, np.array([10, 7, 9]), {"zzz"}, 3)
+                      np.array([True, True, False]), token_ids, {"zzz"}, 3)
     with torch.no_grad():
         x, last = commit_entries(head, kv, fb, lambda t: embed_w[t])
         assert last.tolist() == [1, 7, 11]

@@ -31,7 +31,6 @@ class FeatureBatch:
     num_committed: np.ndarray         # [num_reqs] int: leading scheduled tokens that are now committed
     drafting: np.ndarray              # [num_reqs] bool: rows that sampled a token this step
     token_ids: np.ndarray             # [max_num_reqs, max_model_len] int: committed tokens incl. this step's
-    num_tokens: np.ndarray            # [num_reqs] int: committed tokens per row
     finished_req_ids: set[str]
     num_drafts: int                   # K for this step
 
@@ -55,5 +54,4 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
     return FeatureBatch(
         req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
-        token_ids=batch.token_ids_cpu, num_tokens=batch.num_tokens_no_spec[:n].astype(np.int64),
-        finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)
+        token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)
