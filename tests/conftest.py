@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from vllm_eagle.cli import spec_counters  # noqa: F401  (re-exported for tests)
+
 sys.path.insert(0, os.path.dirname(__file__))
 from builders import make_oracle_pair, make_random_head, make_tiny_llama  # noqa: E402
 
@@ -69,10 +71,10 @@ def close(llm):
     gc.collect()
 
 
-def spec_counters(llm) -> dict:
-    """Cumulative spec-decode counters: drafts, draft_tokens, accepted, per_pos."""
-    out = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode_num_"):
-            out[m.name[len("vllm:spec_decode_num_"):]] = getattr(m, "values", None) or getattr(m, "value", None)
-    return out
+def generate_ids(model, prompts, sp, spec=None, **kw) -> tuple[list[list[int]], dict]:
+    """Start an engine, generate, stop it: -> (output token ids per prompt, spec-decode counters)."""
+    llm = make_llm(model, spec, **kw)
+    out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    counters = spec_counters(llm)
+    close(llm)
+    return out, counters

@@ -1,6 +1,6 @@
 """Greedy losslessness: with our speculation the target's greedy output is reproduced token for token (fp32)."""
 import pytest
-from conftest import close, make_llm, spec_counters
+from conftest import close, generate_ids, make_llm, spec_counters
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -51,13 +51,8 @@ def test_oracle_pair_lossless_with_high_acceptance(oracle):
     target, head = oracle
     prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self."]
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    base = make_llm(target)
-    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
-    close(base)
-    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3))
-    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-    c = spec_counters(llm)
-    close(llm)
+    want, _ = generate_ids(target, prompts, sp)
+    got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3))
     assert got == want
     tau = 1 + c["accepted_tokens"] / c["drafts"]
     assert tau > 2.0, c
@@ -66,13 +61,8 @@ def test_oracle_pair_lossless_with_high_acceptance(oracle):
 def test_random_head_is_rejected_but_lossless(tiny, tiny_random_head):
     prompts = ["def main(", "import os", "class Foo:"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    base = make_llm(tiny)
-    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
-    close(base)
-    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=4))
-    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-    c = spec_counters(llm)
-    close(llm)
+    want, _ = generate_ids(tiny, prompts, sp)
+    got, c = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=4))
     assert got == want
     assert c["drafts"] > 0 and c["accepted_tokens"] < c["draft_tokens"] / 4     # mostly rejected: the rejection path ran
 
@@ -84,12 +74,7 @@ def test_chunked_prefill_and_mixed_lengths(oracle):
     prompts = [long, "def main(", long[:300], "import os"]
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     kw = dict(max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=True)
-    base = make_llm(target, **kw)
-    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
-    close(base)
-    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3), **kw)
-    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-    c = spec_counters(llm)
-    close(llm)
+    want, _ = generate_ids(target, prompts, sp, **kw)
+    got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3), **kw)
     assert got == want
     assert 1 + c["accepted_tokens"] / c["drafts"] > 2.0, c      # acceptance survives chunking

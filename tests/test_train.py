@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import close, make_llm, spec_counters
+from conftest import generate_ids
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -114,11 +114,8 @@ def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained
     results, accepted = {}, {}
     for name, spec in (("native", {"speculative_config": {"method": "eagle", "model": out, "num_speculative_tokens": 2}}),
                        ("ours", vllm_eagle.speculative_kwargs(out, num_speculative_tokens=2, draft_vocab=False))):
-        llm = make_llm(tiny, spec)
-        results[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-        c = spec_counters(llm)
+        results[name], c = generate_ids(tiny, prompts, sp, spec)
         accepted[name] = (c["drafts"], c["accepted_tokens_per_pos"])
-        close(llm)
     assert results["native"] == results["ours"]
     assert accepted["native"] == accepted["ours"] and sum(accepted["ours"][1]) > 0, accepted
 
@@ -133,10 +130,6 @@ def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tiny_trained, tiny
     monkeypatch.setattr(EagleProposer, "_propose_step", lambda self, fb: [d for d in orig(self, fb) if drafted.extend(d) or True])
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["def main(", "for i in", "write a loop"]
-    base = make_llm(tiny)
-    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
-    close(base)
-    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(out, num_speculative_tokens=3))
-    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
-    close(llm)
+    want, _ = generate_ids(tiny, prompts, sp)
+    got, _ = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(out, num_speculative_tokens=3))
     assert got == want and drafted and set(drafted) <= allowed
