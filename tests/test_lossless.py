@@ -78,3 +78,16 @@ def test_chunked_prefill_and_mixed_lengths(oracle):
     got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3), **kw)
     assert got == want
     assert 1 + c["accepted_tokens"] / c["drafts"] > 2.0, c      # acceptance survives chunking
+
+
+def test_k_schedule_turns_speculation_off_under_load(oracle):
+    """vLLM's batch-size schedule reaches our proposer: K=2 for one request, 0 from two on; lossless throughout."""
+    target, head = oracle
+    prompts = ["def main(", "import os", "class Foo:"]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want, _ = generate_ids(target, prompts, sp)
+    spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=2, k_by_batch_size=[(1, 1, 2), (2, 64, 0)])
+    batched, c_batched = generate_ids(target, prompts, sp, spec)
+    assert batched == want and c_batched.get("drafts", 0) == 0          # 3 running requests: no drafts at all
+    single, c_single = generate_ids(target, prompts[:1], sp, spec)
+    assert single == want[:1] and c_single["draft_tokens"] == 2 * c_single["drafts"] > 0

@@ -57,12 +57,16 @@ def validate_against_target(head: str, target: str | None) -> None:
 
 
 def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "chain", *,
-                       target: str | None = None, feature_layers: tuple[int, ...] = (), draft_vocab: bool = True) -> dict:
+                       target: str | None = None, feature_layers: tuple[int, ...] = (), draft_vocab: bool = True,
+                       k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
     Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
     worker_cls (our CPU worker, whose runner hands target features to the proposer), and enable_prefix_caching=False
     (the draft KV of a cached prefix is not rebuilt yet). Pass target= to check the head against it up front.
+    k_by_batch_size=[(first, last, K), ...] hands vLLM's batch-size schedule (num_speculative_tokens_per_batch_size)
+    the K to use per number of running requests; K=0 turns speculation off for that range (drafts stop, the head's
+    KV keeps being committed so speculation resumes when load drops).
     """
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens, tree=tree,
                         feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
@@ -73,9 +77,11 @@ def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "
     extra = asdict(opts)
     extra.pop("num_speculative_tokens")
     extra["feature_layers"] = list(opts.feature_layers)
+    spec = {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": opts.num_speculative_tokens}
+    if k_by_batch_size:
+        spec["num_speculative_tokens_per_batch_size"] = [tuple(r) for r in k_by_batch_size]
     return {
-        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS,
-                               "num_speculative_tokens": opts.num_speculative_tokens},
+        "speculative_config": spec,
         "additional_config": {CONFIG_KEY: extra},
         "worker_cls": WORKER_CLASS,
         "enable_prefix_caching": False,

@@ -32,7 +32,9 @@ class EagleCPUModelRunner(CPUModelRunner):
             return super().propose_draft_token_ids(
                 scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
                 aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings)
-        num_drafts = scheduler_output.num_spec_tokens_to_schedule or self.drafter.options.num_speculative_tokens
+        # K for this step: num_speculative_tokens, or vLLM's batch-size schedule (num_speculative_tokens_per_batch_size),
+        # which may be 0 under load; entries are committed either way.
+        num_drafts = scheduler_output.num_spec_tokens_to_schedule
         fb = feature_batch_from_runner(self, scheduler_output, sampled_token_ids, hidden_states, aux_hidden_states,
                                        common_attn_metadata, num_drafts)
         return self.drafter.propose_step(fb)
