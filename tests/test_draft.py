@@ -1,15 +1,34 @@
-"""The draft stage against a from-scratch reference: commit entries, then roll out, recomputing attention over the
-whole entry sequence each depth (no cache), in fp32."""
+"""The draft stage against a from-scratch reference: commit entries, then draft, recomputing attention over the
+whole entry sequence (committed entries + the drafted path) for every draft (no cache), in fp32."""
 import numpy as np
 import torch
 
-from vllm_eagle.draft import commit_entries, draft_chain
+from vllm_eagle.draft import commit_entries, draft_tree
 from vllm_eagle.draft_head import EagleHead, HeadConfig, attend
 from vllm_eagle.draft_kv import DraftKVCache
 from vllm_eagle.features import FeatureBatch
+from vllm_eagle.tree import chain, compile_tree
 
 CFG = HeadConfig(hidden_size=48, intermediate_size=96, num_heads=6, num_kv_heads=2, head_dim=8, vocab_size=37,
                  rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+def feature_batch(req_ids, features, query_start, start_pos, num_committed, drafting, token_ids, finished=()):
+    """A FeatureBatch of greedy rows, no aux features, K = 3."""
+    return FeatureBatch(req_ids=req_ids, features=features, aux_features=None, query_start=np.array(query_start),
+                        start_pos=np.array(start_pos), num_committed=np.array(num_committed),
+                        drafting=np.array(drafting), greedy=np.ones(len(req_ids), dtype=bool), token_ids=token_ids,
+                        finished_req_ids=set(finished), num_drafts=3)
+
+
+def reference_feature(head, embed_w, entry_f, entry_t):
+    """Entries (entry_f[i] [H], entry_t[i]) at positions 0..n-1 -> the last entry's predicted feature [H], by causal
+    attention over the whole sequence."""
+    n = len(entry_f)
+    x = head.project(embed_w[torch.tensor(entry_t)], torch.stack(entry_f))
+    q, kk, v = head.qkv(x, torch.arange(n))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
+    return head.finish(x, attend(q[None], kk[None], v[None], causal)[0])[-1]
 
 
 def reference_drafts(head, embed_w, lm_w, feats, tokens, k):
@@ -17,15 +36,27 @@ def reference_drafts(head, embed_w, lm_w, feats, tokens, k):
     entry_f, entry_t = list(feats), list(tokens[1:])
     out = []
     for _ in range(k):
-        n = len(entry_f)
-        x = head.project(embed_w[torch.tensor(entry_t)], torch.stack(entry_f))
-        q, kk, v = head.qkv(x, torch.arange(n))
-        causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
-        g = head.finish(x, attend(q[None], kk[None], v[None], causal)[0])[-1]
+        g = reference_feature(head, embed_w, entry_f, entry_t)
         tok = int((g @ lm_w.T).argmax())
         out.append(tok)
         entry_f.append(g)
         entry_t.append(tok)
+    return out
+
+
+def reference_tree(head, embed_w, lm_w, feats, tokens, paths):
+    """feats [p+1, H], tokens [p+2] as above -> {path: token} for every path, each rebuilt from scratch along its path:
+    the node (r_1, .., r_d) appends, depth by depth, the entry (g, r_i-th best token of g) with g the feature predicted
+    by the sequence so far."""
+    out = {}
+    for path in paths:
+        entry_f, entry_t = list(feats), list(tokens[1:])
+        for r in path:
+            g = reference_feature(head, embed_w, entry_f, entry_t)
+            tok = int((g @ lm_w.T).topk(r + 1).indices[r])
+            entry_f.append(g)
+            entry_t.append(tok)
+        out[path] = tok
     return out
 
 
@@ -40,8 +71,7 @@ def test_commit_and_chain_match_reference():
     kv = DraftKVCache(CFG.num_kv_heads, CFG.head_dim, torch.float32)
     # Earlier steps committed a[0..6] and c[0..3].
     for r, upto in (("a", 7), ("c", 4)):
-        fb0 = FeatureBatch([r], feats[r][:upto], None, np.array([0, upto]), np.array([0]), np.array([upto]),
-                           np.array([False]), seqs[r][None].numpy(), set(), 2)
+        fb0 = feature_batch([r], feats[r][:upto], [0, upto], [0], [upto], [False], seqs[r][None].numpy())
         commit_entries(head, kv, fb0, lambda t: embed_w[t])
     # This step: a scheduled positions 7..9 (accepted 1 -> 2 committed), b 0..5 (6 committed), c 4..7 (4 committed).
     rows = [("a", 7, 3, 2, True), ("b", 0, 6, 6, True), ("c", 4, 4, 4, False)]
@@ -50,14 +80,43 @@ def test_commit_and_chain_match_reference():
     token_ids = np.zeros((3, 16), dtype=np.int64)
     for i, (r, *_) in enumerate(rows):
         token_ids[i, : len(seqs[r])] = seqs[r].numpy()
-    fb = FeatureBatch(["a", "b", "c"], torch.cat(feat_rows), None, qs, np.array([7, 0, 4]), np.array([2, 6, 4]),
-                      np.array([True, True, False]), token_ids, {"zzz"}, 3)
+    fb = feature_batch(["a", "b", "c"], torch.cat(feat_rows), qs, [7, 0, 4], [2, 6, 4], [True, True, False], token_ids,
+                       finished={"zzz"})
     with torch.no_grad():
         x, last = commit_entries(head, kv, fb, lambda t: embed_w[t])
         assert last.tolist() == [1, 7, 11]
         pos_last = np.array([8, 5])
-        got = draft_chain(head, kv, ["a", "b"], x[torch.from_numpy(last[:2])], pos_last, 3,
-                          lambda t: embed_w[t], lambda h: (h @ lm_w.T).argmax(-1))
+        got = draft_tree(head, kv, ["a", "b"], x[torch.from_numpy(last[:2])], pos_last, chain(3),
+                         lambda t: embed_w[t], lambda h, k: (h @ lm_w.T).topk(k, dim=-1).indices)
         for b, (r, p) in enumerate((("a", 8), ("b", 5))):
             want = reference_drafts(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], 3)
             assert got[b].tolist() == want, r
+
+
+def test_tree_matches_per_branch_reference():
+    torch.manual_seed(0)
+    head = EagleHead(CFG).eval()
+    with torch.no_grad():   # stronger, sharper attention, so that a query seeing a wrong entry changes its top-k
+        for proj in (head.q_proj, head.k_proj, head.v_proj, head.o_proj):
+            proj.weight.mul_(4)
+    embed_w, lm_w = torch.randn(37, 48), torch.randn(37, 48)
+    tree = compile_tree("[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]")
+    # Two full prefills of different lengths: u commits positions 0..10, w 0..3.
+    lens = {"u": 11, "w": 4}
+    seqs = {r: torch.randint(0, 37, (n + 1,)) for r, n in lens.items()}
+    feats = {r: torch.randn(n, 48) for r, n in lens.items()}
+    token_ids = np.zeros((2, 16), dtype=np.int64)
+    for i, r in enumerate(lens):
+        token_ids[i, : len(seqs[r])] = seqs[r].numpy()
+    fb = feature_batch(["u", "w"], torch.cat([feats["u"], feats["w"]]), [0, 11, 15], [0, 0], [11, 4], [True, True],
+                       token_ids)
+    kv = DraftKVCache(CFG.num_kv_heads, CFG.head_dim, torch.float32)
+    with torch.no_grad():
+        x, last = commit_entries(head, kv, fb, lambda t: embed_w[t])
+        pos_last = np.array([10, 3])
+        got = draft_tree(head, kv, ["u", "w"], x[torch.from_numpy(last)], pos_last, tree,
+                         lambda t: embed_w[t], lambda h, k: (h @ lm_w.T).topk(k, dim=-1).indices)
+        assert got.shape == (2, tree.num_nodes - 1) and got.dtype == torch.int64
+        for b, (r, p) in enumerate((("u", 10), ("w", 3))):
+            want = reference_tree(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], tree.paths[1:])
+            assert got[b].tolist() == [want[path] for path in tree.paths[1:]], (r, got[b].tolist(), want)

@@ -21,7 +21,7 @@ class EagleOptionError(ValueError):
 class EagleOptions:
     head: str                                     # EAGLE-1 head folder (official layout)
     num_speculative_tokens: int                   # K: draft tokens per step (chain length)
-    tree: str = "chain"                           # draft shape; only "chain" so far
+    tree: str = "chain"                           # draft shape: "chain" or Medusa-style path tuples (see tree.py)
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
     draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
 
@@ -30,7 +30,14 @@ class EagleOptions:
             raise EagleOptionError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}"
                                    " (e.g. --num-speculative-tokens 3)")
         if self.tree != "chain":
-            raise EagleOptionError(f"tree={self.tree!r} is not supported yet: use tree='chain'")
+            from .tree import TreeSpecError, compile_tree
+            try:
+                nodes = compile_tree(self.tree).num_nodes - 1
+            except TreeSpecError as e:
+                raise EagleOptionError(f"tree: {e}") from None
+            if nodes > self.num_speculative_tokens:
+                raise EagleOptionError(f"tree has {nodes} draft nodes but num_speculative_tokens is "
+                                       f"{self.num_speculative_tokens}: they must match (speculative_kwargs does this)")
         if not os.path.isdir(self.head):
             raise EagleOptionError(f"EAGLE head folder {self.head!r} does not exist: pass a folder with config.json and "
                                    "model.safetensors (e.g. vllm_eagle.default_head())")
@@ -68,6 +75,12 @@ def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "
     the K to use per number of running requests; K=0 turns speculation off for that range (drafts stop, the head's
     KV keeps being committed so speculation resumes when load drops).
     """
+    if tree != "chain":                           # a tree verifies all its nodes: K = number of draft nodes
+        from .tree import TreeSpecError, compile_tree
+        try:
+            num_speculative_tokens = compile_tree(tree).num_nodes - 1
+        except TreeSpecError as e:
+            raise EagleOptionError(f"tree: {e}") from None
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens, tree=tree,
                         feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
     try:

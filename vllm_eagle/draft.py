@@ -1,9 +1,10 @@
-"""Draft stage: commit this step's entries into the head's KV cache, then roll the head out K times per request.
+"""Draft stage: commit this step's entries into the head's KV cache, then grow a static draft tree per request.
 
-Positions (see draft_head.py for "entry"): a row whose last committed entry sits at position p drafts token p+2 from
-that entry (depth 1), then runs its own entry (g_1, d_1) at p+1 to draft the token at p+3 (depth 2), and so on.
-E.g. committed tokens t_0..t_9 (the bonus t_9 just sampled): the last committed entry is (f_8, t_9) at position 8;
-depth 1 drafts t_10, depth 2 runs (g_1, t_10) at 9 and drafts t_11.
+Positions (see draft_head.py for "entry"): the root of a row's tree is its last committed entry, at position p; it
+predicts g_0 and with it the tokens at p+2. A node c at depth d holds a token at position p+1+d, and its entry
+(g_parent(c), token_c) runs at p+d, predicting g_c and the tokens of c's children.
+E.g. committed tokens t_0..t_9 (the bonus t_9 just sampled): the root is (f_8, t_9) at position 8; its children draft
+t_10 from g_0, and a child's entry (g_0, t_10) runs at 9 to draft t_11 for the grandchildren.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from .draft_head import EagleHead, attend
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
+from .tree import TreeBuffers
 
 
 def commit_entries(head: EagleHead, kv: DraftKVCache, fb: FeatureBatch,
@@ -30,50 +32,81 @@ def commit_entries(head: EagleHead, kv: DraftKVCache, fb: FeatureBatch,
     # E.g. rows with (query_start, start_pos, count) (0, 7, 2), (3, 0, 4): offsets [0,1,0,1,2,3],
     # feature rows [0,1,3,4,5,6], positions [7,8,0,1,2,3].
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    feat_rows = np.repeat(fb.query_start[rows], counts) + offsets
     positions = np.repeat(fb.start_pos[rows], counts) + offsets
+    ends = np.cumsum(counts)
+    # A row verified as a tree committed the nodes of its accepted path: entry j takes node a_j's feature row.
+    # E.g. path [0, 2, 5] at query_start 3 -> feature rows [3, 5, 8] for positions L, L+1, L+2.
+    row_offsets = offsets.copy()
+    for r, s, e in zip(rows, ends - counts, ends):
+        if r in fb.tree_paths:
+            row_offsets[s:e] = fb.tree_paths[r]
+    feat_rows = np.repeat(fb.query_start[rows], counts) + row_offsets
     next_tokens = fb.token_ids[np.repeat(rows, counts), positions + 1]
     x = head.project(embed(torch.from_numpy(next_tokens.astype(np.int64))), fb.features[torch.from_numpy(feat_rows)])
     _, k, v = head.qkv(x, torch.from_numpy(positions))
     last = np.full(len(fb.req_ids), -1, dtype=np.int64)
-    ends = np.cumsum(counts)
     for r, s, e in zip(rows, ends - counts, ends):
         kv.write(fb.req_ids[r], int(fb.start_pos[r]), k[s:e], v[s:e])
         last[r] = e - 1
     return x, last
 
 
-def draft_chain(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,
-                num_drafts: int, embed: Callable[[torch.Tensor], torch.Tensor],
-                greedy_token: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Greedy chain of num_drafts tokens per request.
+def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,
+               tree: TreeBuffers, embed: Callable[[torch.Tensor], torch.Tensor],
+               topk_tokens: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Static EAGLE tree with greedy top-k children: node c takes the rank[c]-th most likely token of g_parent(c).
 
-    x_last       [B, H]  fc output of each request's last committed entry
+    x_last       [B, H]  fc output of each request's last committed entry (the root)
     pos_last     [B]     its position p (the request has committed entries 0..p in the cache)
-    greedy_token         predicted features [B, H] -> most likely token ids [B] (through the shared LM head)
-    ->           [B, num_drafts] int64 draft token ids
+    tree                 N = tree.num_nodes nodes, node 0 the root, the others in BFS order
+    topk_tokens          predicted features [M, H], k -> the k most likely token ids [M, k], best first
+    ->           [B, N - 1] int64 token ids of nodes 1..N-1
+
+    One head forward per depth for the whole batch, over that depth's nodes with children only: a leaf's entry and
+    feature would feed no one. A node's query sees the committed entries and its ancestors' entries, itself included.
     """
-    B = len(req_ids)
-    lengths = (pos_last + 1).tolist()
-    k_pad, v_pad = kv.scratch(req_ids, lengths, extra=num_drafts - 1)      # [B, T, nkv, hd]
-    col = torch.arange(k_pad.shape[1])
-    limit = torch.as_tensor(lengths)                                       # visible columns < limit
-    pos = torch.as_tensor(pos_last)
-    batch = torch.arange(B)
-    x, drafts = x_last, []
-    q, _, _ = head.qkv(x, pos)
-    for depth in range(1, num_drafts + 1):
-        mask = (col[None, :] < limit[:, None])[:, None, :]                 # [B, 1, T]
-        g = head.finish(x, attend(q[:, None], k_pad, v_pad, mask)[:, 0])  # predicted feature, [B, H]
-        token = greedy_token(g)                                            # [B]
-        drafts.append(token)
-        if depth == num_drafts:
-            break
-        # The draft's own entry (g, token) at the next position joins the scratch.
-        x = head.project(embed(token), g)
-        pos = pos + 1
-        q, k, v = head.qkv(x, pos)
-        k_pad[batch, limit] = k
-        v_pad[batch, limit] = v
-        limit = limit + 1
-    return torch.stack(drafts, dim=1)
+    B, N = len(req_ids), tree.num_nodes
+    parent, depth, rank = tree.parent.long(), tree.depth.long(), tree.rank.long()     # [N] each
+    num_children = torch.bincount(parent[1:], minlength=N)                             # [N]
+    # sees[c, j]: node j is on the path root..c; the extra column N is all False (padding).
+    # E.g. ancestors [0b1, 0b11, 0b101] -> sees [[1,0,0,0], [1,1,0,0], [1,0,1,0]].
+    bits = (tree.ancestors[:, None] >> torch.arange(N)) & 1
+    sees = torch.cat([bits.bool(), torch.zeros(N, 1, dtype=torch.bool)], dim=1)       # [N, N + 1]
+    # Scratch row b: committed entries 0..p_b (entry p_b is the root's), node c's entry at column p_b + c, then
+    # padding. Column j shows node clamp(j - p_b, 0, N): committed columns read as the root (every node sees the
+    # root, hence all committed entries), padding as the all-False column N; leaves' columns stay unwritten and are
+    # visible to no query (a leaf is nobody's ancestor and asks no query itself).
+    # E.g. p = [8, 5], N = 5: T = 9 + 4 = 13; row 1's columns 0..12 show nodes [0]*6 + [1, 2, 3, 4] + [5]*3.
+    pos = torch.as_tensor(pos_last)                                                    # [B]
+    k_pad, v_pad = kv.scratch(req_ids, (pos_last + 1).tolist(), extra=N - 1)           # [B, T, nkv, hd]
+    col_node = (torch.arange(k_pad.shape[1])[None, :] - pos[:, None]).clamp(0, N)      # [B, T]
+    batch = torch.arange(B)[:, None]
+    tokens = torch.zeros(B, N, dtype=torch.int64)                                      # column 0 (root) unused
+    slot = torch.zeros(N, dtype=torch.int64)        # row of an expanded node in its depth's g and top
+
+    # Depth 0 expands the root, whose entry is committed: the scratch already holds its K/V.
+    expand = torch.zeros(1, dtype=torch.int64)                                         # [m] nodes with children
+    x = x_last[:, None]                                                                # [B, m, H] their entries
+    q = head.qkv(x_last, pos)[0][:, None]                                              # [B, m, nh, hd]
+    for d in range(1, tree.max_depth + 1):
+        m = len(expand)
+        # masked attention -> features -> top-k, for the expanded nodes of depth d-1
+        mask = sees[expand[None, :, None], col_node[:, None, :]]                       # [B, m, T]
+        g = head.finish(x, attend(q, k_pad, v_pad, mask))                              # [B, m, H]
+        top = topk_tokens(g.flatten(0, 1), int(num_children[expand].max())).view(B, m, -1)   # [B, m, k]
+        slot[expand] = torch.arange(m)
+        # tokens of depth d: node c is its parent's rank[c]-th best
+        level = (depth == d).nonzero()[:, 0]
+        tokens[:, level] = top[:, slot[parent[level]], rank[level]]
+        if d == tree.max_depth:
+            break                                                                      # the deepest nodes are leaves
+        # entries (g_parent, token) at p + d of depth d's nodes with children -> their scratch K/V
+        expand = level[num_children[level] > 0]
+        m = len(expand)
+        x = head.project(embed(tokens[:, expand].flatten()), g[:, slot[parent[expand]]].flatten(0, 1))
+        q, k, v = head.qkv(x, (pos[:, None] + d).expand(B, m).flatten())
+        cols = pos[:, None] + expand                                                   # [B, m]
+        k_pad[batch, cols] = k.unflatten(0, (B, m))
+        v_pad[batch, cols] = v.unflatten(0, (B, m))
+        x, q = x.unflatten(0, (B, m)), q.unflatten(0, (B, m))
+    return tokens[:, 1:]

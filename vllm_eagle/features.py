@@ -5,7 +5,7 @@ scheduled token; with `feature_layers` set, the runner also returns those interm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,14 +30,18 @@ class FeatureBatch:
     start_pos: np.ndarray             # [num_reqs] int: position of each row's first scheduled token
     num_committed: np.ndarray         # [num_reqs] int: leading scheduled tokens that are now committed
     drafting: np.ndarray              # [num_reqs] bool: rows that sampled a token this step
+    greedy: np.ndarray                # [num_reqs] bool: rows decoding greedily (trees are drafted only for these)
     token_ids: np.ndarray             # [max_num_reqs, max_model_len] int: committed tokens incl. this step's
     finished_req_ids: set[str]
     num_drafts: int                   # K for this step
+    tree_paths: dict[int, np.ndarray] = field(default_factory=dict)
+    # rows verified as trees: {row: accepted path [0, a_1, .., a_m]}; committed entry j of such a row takes feature
+    # row query_start[r] + a_j (its KV was moved to slot L + j), instead of query_start[r] + j
 
 
 def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[list[int]],
                               hidden_states: torch.Tensor, aux_hidden_states, common_attn_metadata,
-                              num_drafts: int) -> FeatureBatch:
+                              num_drafts: int, accepted_paths: dict | None = None) -> FeatureBatch:
     batch = runner.input_batch
     n = batch.num_reqs
     qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
@@ -54,4 +58,5 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
     return FeatureBatch(
         req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
+        greedy=np.array([rid in batch.greedy_reqs for rid in batch.req_ids[:n]], dtype=bool),
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)

@@ -6,6 +6,7 @@ rejection sampler, so greedy output is the target's and sampled output follows t
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -13,10 +14,19 @@ import numpy as np
 import torch
 
 from .config import WORKER_CLASS, EagleOptions
-from .draft import commit_entries, draft_chain
+from .draft import commit_entries, draft_tree
 from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
+from .tree import TreeBuffers, chain, compile_tree
+
+_chain = functools.lru_cache(maxsize=None)(chain)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_tree(paths: tuple, n: int) -> TreeBuffers:
+    """The first n draft nodes of a tree (BFS order keeps a prefix a tree)."""
+    return compile_tree(list(paths[1:n + 1]))
 
 
 @dataclass
@@ -34,6 +44,8 @@ class EagleProposer:
         self.dtype = vllm_config.model_config.dtype
         self.head: EagleHead | None = None
         self.stats = ProposerStats()
+        self.tree = None if self.options.tree == "chain" else compile_tree(self.options.tree)
+        self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
 
     def load_model(self, target: torch.nn.Module) -> None:
         hf = self.vllm_config.model_config.hf_config
@@ -60,11 +72,11 @@ class EagleProposer:
             return None, weight[: self.vocab_size]
         return ids, weight[ids].contiguous()
 
-    def greedy_token(self, hidden: torch.Tensor) -> torch.Tensor:
-        """predicted features [B, H] -> draft token ids [B]"""
+    def topk_tokens(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """predicted features [M, H] -> the k most likely draft token ids [M, k], best first"""
         if self.draft_lm_head is None:
-            return self.target.compute_logits(hidden)[:, : self.vocab_size].argmax(dim=-1)
-        best = (hidden @ self.draft_lm_head.T).argmax(dim=-1)
+            return self.target.compute_logits(hidden)[:, : self.vocab_size].topk(k, dim=-1).indices
+        best = (hidden @ self.draft_lm_head.T).topk(k, dim=-1).indices
         return best if self.draft_vocab is None else self.draft_vocab[best]
 
     def propose(self, *args, **kwargs):
@@ -81,16 +93,34 @@ class EagleProposer:
             self.stats.steps += 1
             self.stats.draft_s += time.perf_counter() - t0
 
+    def shapes(self, num_drafts: int) -> tuple[TreeBuffers, TreeBuffers]:
+        """(tree for greedy rows, chain for sampled rows) within this step's K; sampled rows draft a chain of the
+        tree's depth, verified by vLLM's rejection sampler (lossless sampling with trees is not built yet)."""
+        if self.tree is None:
+            return _chain(num_drafts), _chain(num_drafts)
+        n = min(num_drafts, self.tree.num_nodes - 1)
+        tree = self.tree if n == self.tree.num_nodes - 1 else _prefix_tree(self.tree.paths, n)
+        return tree, _chain(min(n, tree.max_depth))
+
     def _propose_step(self, fb: FeatureBatch) -> list[list[int]]:
         self.kv.free(fb.finished_req_ids)
+        self.drafted_trees = {}
         x, last = commit_entries(self.head, self.kv, fb, self.embed)
         pos_last = fb.start_pos + fb.num_committed - 1
-        rows = np.nonzero(fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len))[0]
         out: list[list[int]] = [[] for _ in fb.req_ids]
-        if len(rows) == 0 or fb.num_drafts <= 0:
+        if fb.num_drafts <= 0:
             return out
-        drafts = draft_chain(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
-                             pos_last[rows], fb.num_drafts, self.embed, self.greedy_token)
-        for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
-            out[r] = d
+        tree, chain = self.shapes(fb.num_drafts)
+        fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
+        groups = [(tree, fits)] if self.tree is None else [(tree, fits & fb.greedy), (chain, fits & ~fb.greedy)]
+        for shape, selected in groups:
+            rows = np.nonzero(selected)[0]
+            if len(rows) == 0:
+                continue
+            drafts = draft_tree(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
+                                pos_last[rows], shape, self.embed, self.topk_tokens)
+            for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
+                out[r] = d
+                if shape.num_nodes > shape.max_depth + 1:              # a real tree: verify.py lays it out
+                    self.drafted_trees[fb.req_ids[r]] = shape
         return out

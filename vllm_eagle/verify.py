@@ -34,3 +34,38 @@ class TreeStep:
     """The trees of one step (attached to the attention metadata as `.tree`)."""
     rows: list[TreeRow]
     pos_delta: torch.Tensor     # [num_scheduled_tokens] int64: slot offset minus depth of each query row (0 off-tree)
+
+
+def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec: dict, trees: dict,
+                    num_tokens: int) -> TreeStep | None:
+    """Lay out this step's trees. trees[req_id] = TreeBuffers the proposer drafted for it (absent for chains).
+
+    query_start [num_reqs + 1] row offsets; prefix_lens [num_reqs] committed tokens before each root;
+    scheduled_spec[req_id] = the spec tokens the scheduler kept (a tail-truncated prefix of the drafts, so the first
+    n+1 nodes of the tree, still a tree since parent[i] < i). Returns None when no request is a non-chain tree.
+    """
+    from kernels import build_tree_masks
+    rows = []
+    for r, rid in enumerate(req_ids):
+        tree, n = trees.get(rid), len(scheduled_spec.get(rid, ()))
+        if tree is None or n == 0:
+            continue
+        parent = tree.parent[: n + 1]
+        if bool((parent[1:] == torch.arange(n, dtype=parent.dtype)).all()):
+            continue                                        # the kept prefix is a chain: the causal kernel verifies it
+        rows.append((r, rid, parent, torch.as_tensor(scheduled_spec[rid], dtype=torch.int64)))
+    if not rows:
+        return None
+    N = max(p.shape[0] for _, _, p, _ in rows)
+    parents = torch.full((len(rows), N), -1, dtype=torch.int32)
+    for b, (_, _, p, _) in enumerate(rows):
+        parents[b, : p.shape[0]] = p
+    depth, _, mask = build_tree_masks(parents, torch.tensor([p.shape[0] for _, _, p, _ in rows], dtype=torch.int32))
+    pos_delta = torch.zeros(num_tokens, dtype=torch.int64)
+    out = []
+    for b, (r, rid, p, spec) in enumerate(rows):
+        n1, start = p.shape[0], int(query_start[r])
+        pos_delta[start:start + n1] = torch.arange(n1) - depth[b, :n1].long()
+        out.append(TreeRow(req_index=r, req_id=rid, start=start, prefix_len=int(prefix_lens[r]), parent=p,
+                           tokens=torch.cat([spec.new_zeros(1), spec]), ancestors=mask[b, :n1, :n1].clone()))
+    return TreeStep(out, pos_delta)

@@ -10,11 +10,53 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from .acceptance import accept_trees
+from .config import CONFIG_KEY
 from .features import feature_batch_from_runner
+from .kv_commit import commit_accepted_kv
 from .proposer import EagleProposer
+from .verify import build_tree_step
 
 
 class EagleCPUModelRunner(CPUModelRunner):
+    """Chains go through vLLM's own verification unchanged; trees add three overrides: tree positions
+    (`_prepare_inputs`), tree masks for the attention backend (`_build_attention_metadata`), and tree acceptance +
+    KV commit (`_sample`). Each delegates to a stage module and does nothing when the step has no tree."""
+    _tree_step = None
+    _accepted_paths: dict = {}
+
+    def _ours(self) -> bool:
+        return isinstance(getattr(self, "drafter", None), EagleProposer)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._tree_step = None
+        if self._ours() and self.drafter.drafted_trees:
+            n = self.input_batch.num_reqs
+            self._tree_step = build_tree_step(
+                self.input_batch.req_ids[:n], self.query_start_loc.np[: n + 1],
+                self.input_batch.num_computed_tokens_cpu[:n], scheduler_output.scheduled_spec_decode_tokens,
+                self.drafter.drafted_trees, scheduler_output.total_num_scheduled_tokens)
+            if self._tree_step is not None:                    # slots stay L+i; RoPE positions become L+depth(i)
+                self.positions[: scheduler_output.total_num_scheduled_tokens] -= self._tree_step.pos_delta
+        return out
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        attn_metadata, common = super()._build_attention_metadata(*args, **kwargs)
+        if self._tree_step is not None:
+            for md in {id(m): m for m in attn_metadata.values()}.values():
+                md.tree = self._tree_step
+        return attn_metadata, common
+
+    def _sample(self, logits, spec_decode_metadata):
+        out = super()._sample(logits, spec_decode_metadata)     # chains: vLLM's rejection sampler, bit for bit
+        self._accepted_paths = {}
+        if self._tree_step is not None:
+            self._accepted_paths = accept_trees(self._tree_step, logits.float(),
+                                                spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids)
+            commit_accepted_kv(self, self._tree_step, self._accepted_paths)
+        return out
+
     def load_model(self, *args, **kwargs) -> None:
         if isinstance(getattr(self, "drafter", None), EagleProposer) and self.drafter.options.feature_layers:
             self.use_aux_hidden_state_outputs = True           # the target returns (hidden, [layer outputs])
@@ -36,7 +78,7 @@ class EagleCPUModelRunner(CPUModelRunner):
         # which may be 0 under load; entries are committed either way.
         num_drafts = scheduler_output.num_spec_tokens_to_schedule
         fb = feature_batch_from_runner(self, scheduler_output, sampled_token_ids, hidden_states, aux_hidden_states,
-                                       common_attn_metadata, num_drafts)
+                                       common_attn_metadata, num_drafts, self._accepted_paths)
         return self.drafter.propose_step(fb)
 
 
@@ -53,7 +95,10 @@ class EagleCPUWorker(CPUWorker):
 
     def init_device(self) -> None:
         from . import trace
+        from .tree_attention import register_tree_attention
         trace("worker")
+        if ((self.vllm_config.additional_config or {}).get(CONFIG_KEY) or {}).get("tree", "chain") != "chain":
+            register_tree_attention()                          # before the model (and its attention layers) is built
         super().init_device()
         if not isinstance(self.model_runner, EagleCPUModelRunner):
             self.model_runner = EagleCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -1,0 +1,184 @@
+"""Tree attention on the CPU backend at op level (no engine): the ISA-specific page layout round-trips, tree rows
+equal per-branch chain attention through vLLM's own kernel, and slot copies move exactly the tokens asked for."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm import _custom_ops as ops
+from vllm.v1.attention import selector
+from vllm.v1.attention.backends import cpu_attn
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
+from vllm_eagle.tree import chain, compile_tree
+from vllm_eagle.tree_attention import TreeCPUAttentionBackend, TreeCPUAttentionImpl, register_tree_attention
+from vllm_eagle.verify import TreeRow, TreeStep
+
+BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 12     # odd head counts: 3 query heads per KV head
+TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"       # parents [-1, 0, 0, 1, 1, 3]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}     # tree SDPA (fp32) vs the kernel, max abs error
+CASES = [
+    pytest.param(torch.float32, "vec", id="fp32-vec"),
+    pytest.param(torch.bfloat16, "amx", id="bf16-amx",
+                 marks=pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="no AMX tiles")),
+]
+
+
+def _seq(length, dtype):
+    """(k, v), each [length, H_KV, D]."""
+    return torch.randn(length, H_KV, D).to(dtype), torch.randn(length, H_KV, D).to(dtype)
+
+
+def _paged(seqs, dtype, isa, block_table=None):
+    """Write each (k, v) sequence into a fresh cache through (by default shuffled) block tables, as vLLM would.
+    Returns kv_cache [NUM_BLOCKS, H_KV, BLOCK, 2 * D], block_table [num_seqs, max_blocks] int32 and per-sequence
+    physical slots. E.g. block_table row [7, 2]: token 40 -> slot 2 * 32 + 8 = 72."""
+    kv_cache = torch.zeros(NUM_BLOCKS, H_KV, BLOCK, 2 * D, dtype=dtype)
+    if block_table is None:
+        counts = [-(-len(k) // BLOCK) for k, _ in seqs]
+        perm, block_table = torch.randperm(NUM_BLOCKS).int(), torch.zeros(len(seqs), max(counts), dtype=torch.int32)
+        for r, c in enumerate(counts):
+            block_table[r, :c] = perm[sum(counts[:r]): sum(counts[:r + 1])]
+    slots = [block_table[r, torch.arange(len(k)) // BLOCK].long() * BLOCK + torch.arange(len(k)) % BLOCK
+             for r, (k, _) in enumerate(seqs)]
+    key_cache, value_cache = kv_cache.view(NUM_BLOCKS, H_KV, 2 * BLOCK, D).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(torch.cat([k for k, _ in seqs]), torch.cat([v for _, v in seqs]), key_cache,
+                                   value_cache, torch.cat(slots), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    return kv_cache, block_table, slots
+
+
+def _impl(cls, dtype, monkeypatch, **kw):
+    # The constructor only reads the model dtype from the current vLLM config.
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config",
+                        lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype)))
+    return cls(num_heads=H_Q, head_size=D, scale=D ** -0.5, num_kv_heads=H_KV, alibi_slopes=None,
+               sliding_window=None, kv_cache_dtype="auto", **kw)
+
+
+def _attend(impl, reqs, dtype, isa, tree=None):
+    """One forward over requests (k, v, q): k, v [seq_len, H_KV, D], q [num_q, H_Q, D] for the last num_q tokens.
+    Returns output [sum num_q, H_Q, D]."""
+    kv_cache, block_table, slots = _paged([(k, v) for k, v, _ in reqs], dtype, isa)
+    num_q = torch.tensor([len(q) for _, _, q in reqs])
+    qsl = torch.cat([num_q.new_zeros(1), num_q.cumsum(0)]).int()   # [num_reqs + 1]
+    seq_lens = torch.tensor([len(k) for k, _, _ in reqs], dtype=torch.int32)
+    meta = CPUAttentionMetadata(
+        num_actual_tokens=int(qsl[-1]), max_query_len=int(num_q.max()), query_start_loc=qsl,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=block_table,
+        slot_mapping=torch.cat([s[-len(q):] for s, (_, _, q) in zip(slots, reqs)]),
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(reqs), num_heads=H_Q, num_kv_heads=H_KV, head_dim=D, seq_lens=seq_lens, dtype=dtype,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False))
+    meta.tree = tree
+    query = torch.cat([q for _, _, q in reqs])
+    key = torch.cat([k[-len(q):] for k, _, q in reqs])
+    value = torch.cat([v[-len(q):] for _, v, q in reqs])
+    output = torch.full_like(query, float("nan"))
+    layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    impl.forward(layer, query, key, value, kv_cache, meta, output)
+    return output
+
+
+def _tree_row(buf, req_index, start, prefix_len):
+    n = buf.num_nodes
+    ancestors = (buf.ancestors[:, None] >> torch.arange(n)) & 1 == 1    # bitset -> [n, n] bool
+    return TreeRow(req_index=req_index, req_id=f"req-{req_index}", start=start, prefix_len=prefix_len,
+                   parent=buf.parent, tokens=torch.zeros(n, dtype=torch.int64), ancestors=ancestors)
+
+
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa):
+    seqs = [_seq(n, dtype) for n in (45 + 6, 1 + 6, 30 + 4, 64)]    # mid-block, one token, block-crossing, full
+    kv_cache, block_table, _ = _paged(seqs, dtype, isa)
+    for r, (k, v) in enumerate(seqs):
+        for length in (len(k), 1):
+            got_k, got_v = gather_kv(kv_cache, block_table[r], length, isa)
+            assert got_k.shape == (length, H_KV, D)
+            assert torch.equal(got_k, k[:length]) and torch.equal(got_v, v[:length]), (r, length)
+
+
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
+    tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
+    # (prefix_len L, tree or None for a plain 3-token request); a tree request's queries are its nodes at L..L+n-1
+    layout = [(45, tree), (20, None), (30, line), (1, tree)]
+    reqs, rows, bufs, start = [], [], [], 0
+    for r, (L, buf) in enumerate(layout):
+        n = buf.num_nodes if buf is not None else 3
+        k, v = _seq(L + n, dtype)
+        reqs.append((k, v, torch.randn(n, H_Q, D).to(dtype)))
+        if buf is not None:
+            rows.append(_tree_row(buf, r, start, L))
+            bufs.append(buf)
+        start += n
+    pos_delta = torch.zeros(start, dtype=torch.int64)
+    for row, buf in zip(rows, bufs):
+        pos_delta[row.start: row.start + row.num_nodes] = torch.arange(row.num_nodes) - buf.depth
+    kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), reqs, dtype, isa)
+    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, TreeStep(rows, pos_delta))
+
+    # Oracle: every root-to-leaf path as its own causal chain over the prefix, through the stock kernel.
+    branches, owners = [], []                                   # owners[b] = (query row of each branch node)
+    for row, buf in zip(rows, bufs):
+        (k, v, q), L = reqs[row.req_index], row.prefix_len
+        for path in buf.retrieve:
+            path = path[path >= 0].long()                       # E.g. [0, 1, 3, 5]: slots L, L+1, L+3, L+5
+            branches.append((torch.cat([k[:L], k[L + path]]), torch.cat([v[:L], v[L + path]]), q[path]))
+            owners.append(row.start + path)
+    chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), branches, dtype, isa)
+    want = kernel.clone()
+    want[torch.cat(owners)] = chains
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+    plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
+    assert torch.equal(got[plain], kernel[plain])
+    chain_rows = slice(rows[1].start, rows[1].start + rows[1].num_nodes)
+    torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
+    node2 = rows[2].start + 2     # L = 1, parent 0: the causal kernel also let it see its sibling node 1
+    assert (got[node2].float() - kernel[node2].float()).abs().max() > 10 * tol
+
+
+def test_tree_refuses_unsupported_features(monkeypatch):
+    impl = _impl(TreeCPUAttentionImpl, torch.float32, monkeypatch, logits_soft_cap=30.0)
+    impl.sliding_window = 16
+    k, v = _seq(8, torch.float32)
+    reqs = [(k, v, torch.randn(6, H_Q, D))]
+    step = TreeStep([_tree_row(compile_tree(TREE), 0, 0, 2)], torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(NotImplementedError, match="sliding window, logits soft cap"):
+        _attend(impl, reqs, torch.float32, "vec", step)
+    assert not _attend(impl, reqs, torch.float32, "vec").isnan().any()    # no tree: the stock kernel path
+
+
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_copy_kv_slots_moves_whole_tokens(dtype, isa):
+    L = 30
+    seqs = [_seq(L + 6, dtype), _seq(40, dtype)]                 # request 0's tree nodes straddle blocks 0 and 1
+    kv_cache, block_table, slots = _paged(seqs, dtype, isa)
+    # Accepted path compaction with a chain of overlaps: L+2 -> L+1 while L+4 -> L+2 (reads the old L+2 first).
+    src, dst = torch.tensor([L + 2, L + 4]), torch.tensor([L + 1, L + 2])
+    copy_kv_slots(kv_cache, slots[0][src], slots[0][dst], isa)
+    # A swap (each destination is the other pair's source), across requests: request 0's L+5 <-> request 1's 7.
+    copy_kv_slots(kv_cache, torch.stack([slots[0][L + 5], slots[1][7]]), torch.stack([slots[1][7], slots[0][L + 5]]),
+                  isa)
+    (k0, v0), (k1, v1) = ((k.clone(), v.clone()) for k, v in seqs)
+    k0[dst], v0[dst] = seqs[0][0][src], seqs[0][1][src]
+    k0[L + 5], v0[L + 5], k1[7], v1[7] = seqs[1][0][7], seqs[1][1][7], seqs[0][0][L + 5], seqs[0][1][L + 5]
+    for r, (k, v) in enumerate([(k0, v0), (k1, v1)]):
+        got_k, got_v = gather_kv(kv_cache, block_table[r], len(k), isa)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v), r
+    want, _, _ = _paged([(k0, v0), (k1, v1)], dtype, isa, block_table)   # the expected tokens, written afresh
+    assert torch.equal(kv_cache, want)
+
+
+def test_register_tree_attention_is_idempotent():
+    try:
+        register_tree_attention()
+        register_tree_attention()
+        assert AttentionBackendEnum.CPU_ATTN.get_path() == "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
+        assert TreeCPUAttentionBackend.get_name() == CPUAttentionBackend.get_name() == "CPU_ATTN"
+        assert TreeCPUAttentionBackend.get_impl_cls() is TreeCPUAttentionImpl
+        assert TreeCPUAttentionBackend.get_builder_cls() is CPUAttentionBackend.get_builder_cls()
+    finally:        # other tests build engines in this process
+        AttentionBackendEnum.CPU_ATTN.clear_override()
+        selector._cached_get_attn_backend.cache_clear()

@@ -1,0 +1,88 @@
+"""Reading and moving tokens in vLLM's CPU paged KV cache, whose page interiors depend on the kernel ISA.
+
+One layer's cache is [num_blocks, num_kv_heads, block_size, 2 * head_size]; each (block, head) page holds the K of
+block_size tokens in its first block_size * head_size elements and their V in the rest, but in the order the kernel
+reads them: `vec` (fp32) stores K transposed, `amx` (bf16) packs pairs of tokens VNNI-style. Rather than re-deriving
+each layout we probe it once per (dtype, block_size, head_size, isa) through the kernel's own writer,
+`ops.cpu_attn_reshape_and_cache`, and index pages with the resulting position map. A slot is block * block_size +
+offset, as in vLLM's slot_mapping. Unquantized caches only (kv_cache_dtype "auto").
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vllm import _custom_ops as ops
+
+_EXACT = 256        # probe values 1.._EXACT are exact integers in bf16/fp16/fp32
+
+
+@functools.lru_cache(maxsize=None)
+def kv_position_map(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> torch.Tensor:
+    """[2, block_size, head_size] int64: flat index, inside one (block, head) page of 2 * block_size * head_size
+    elements, of K (0) or V (1) of the token at offset o, dim d. E.g. fp32 `vec` K (transposed): [0, o, d] = d *
+    block_size + o; V: [1, o, d] = block_size * head_size + o * head_size + d.
+
+    Probe: block d of a scratch cache takes tokens whose only non-zero dim is d, valued offset + 1, so every non-zero
+    element names its (offset, dim); the writer runs once per _EXACT offsets."""
+    page = block_size * head_size
+    kv = torch.zeros(head_size, 1, block_size, 2 * head_size, dtype=dtype)   # [num_blocks = head_size, 1, bs, 2 * hs]
+    key_cache, value_cache = kv.view(head_size, 1, 2 * block_size, head_size).chunk(2, dim=2)
+    pos = torch.full((2, block_size, head_size), -1, dtype=torch.long)
+    dims = torch.arange(head_size)
+    for lo in range(0, block_size, _EXACT):
+        offsets = torch.arange(lo, min(lo + _EXACT, block_size))
+        x = torch.zeros(head_size, len(offsets), head_size, dtype=dtype)     # [block (= probed dim), offset, dim]
+        x[dims, :, dims] = (offsets - lo + 1).to(dtype)                      # x[d, o, d] = o - lo + 1
+        slots = (dims[:, None] * block_size + offsets).flatten()             # token (d, o) -> slot d * bs + o
+        kv.zero_()
+        ops.cpu_attn_reshape_and_cache(x.view(-1, 1, head_size), x.view(-1, 1, head_size), key_cache, value_cache,
+                                       slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        block, flat = kv.view(head_size, 2 * page).nonzero(as_tuple=True)
+        offset = kv.view(head_size, 2 * page)[block, flat].float().long() - 1 + lo
+        pos[(flat >= page).long(), offset, block] = flat
+    if not torch.equal(pos.flatten().sort().values, torch.arange(2 * page)):
+        raise RuntimeError(f"KV page layout probe for {dtype}, block_size {block_size}, head_size {head_size}, "
+                           f"isa {isa!r} is not a permutation of the page; the cache format is not supported")
+    return pos
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_index(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> torch.Tensor:
+    """[block_size, 2 * head_size]: page indices of one token's K then V."""
+    return kv_position_map(dtype, block_size, head_size, isa).permute(1, 0, 2).reshape(block_size, 2 * head_size)
+
+
+def _slot_index(kv_cache: torch.Tensor, slots: torch.Tensor, isa: str) -> tuple[torch.Tensor, ...]:
+    """Advanced index into kv_cache.view(num_blocks, num_kv_heads, -1) that selects [num_slots, num_kv_heads,
+    2 * head_size]: K then V of every head of each slot. kv_cache: [num_blocks, num_kv_heads, block_size, 2 * hs];
+    slots: [num_slots] int."""
+    _, num_kv_heads, block_size, two_hs = kv_cache.shape
+    slots = slots.long()
+    per_offset = _offset_index(kv_cache.dtype, block_size, two_hs // 2, isa)
+    heads = torch.arange(num_kv_heads, device=kv_cache.device)
+    return (slots // block_size)[:, None, None], heads[None, :, None], per_offset[slots % block_size][:, None, :]
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
+              isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one request's first `length` tokens, each [length, num_kv_heads, head_size] (copies).
+
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; block_table_row: [max_blocks] int32.
+    E.g. block_size 32, row [5, 2, ...]: token 40 lives at slot 2 * 32 + 8 = 72."""
+    num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
+    token = torch.arange(length, device=kv_cache.device)
+    slots = block_table_row[token // block_size].long() * block_size + token % block_size
+    kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]  # [length, heads, 2 * hs]
+    return kv[..., : two_hs // 2], kv[..., two_hs // 2:]
+
+
+def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, isa: str) -> None:
+    """In place: slot dst_slots[j] takes the K and V (all heads) of slot src_slots[j]. Every source is read before
+    any destination is written, so a source may be another pair's destination (src [47, 49] -> dst [46, 47] moves
+    the old 47, not the new one); destinations must be distinct.
+
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; src_slots, dst_slots: [num_pairs] int."""
+    pages = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
+    pages[_slot_index(kv_cache, dst_slots, isa)] = pages[_slot_index(kv_cache, src_slots, isa)]  # gather = copy
