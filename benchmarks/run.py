@@ -7,7 +7,8 @@ topology: worker on core 0, engine core + front end on core 1), after a warm-up,
 repetitions. Rows go to benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
 Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
 length = 1 + accepted/drafts), per-position acceptance, and for ours the cost model: c = one draft depth over one
-vanilla step, v(K) = one verify step (target forward over K+1 tokens per request) over one vanilla step.
+vanilla step (a draft forward: one tree depth), v(K) = one verify step (target forward over K+1 tokens per request)
+over one vanilla step.
 """
 from __future__ import annotations
 
@@ -48,10 +49,14 @@ class Row:
 class Config:
     name: str
     spec: dict = field(default_factory=dict)
-    k: int = 0
+    k: int = 0                  # draft tokens verified per step (tree: nodes)
+    depth: int = 0              # draft forwards per step (chain: k; tree: its depth)
 
 
-def configs(head: str, ks: list[int], which: list[str]) -> list[Config]:
+DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]"
+
+
+def configs(head: str, ks: list[int], which: list[str], trees: list[str] = ()) -> list[Config]:
     import vllm_eagle
     out = [Config("vanilla")]
     for k in ks:
@@ -62,7 +67,16 @@ def configs(head: str, ks: list[int], which: list[str]) -> list[Config]:
             out.append(Config(f"native-eagle-k{k}", {"speculative_config": {"method": "eagle", "model": head,
                                                                             "num_speculative_tokens": k}}, k))
         if "ours" in which:
-            out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k))
+            out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k, k))
+    if "ours" in which:
+        from vllm_eagle.tree import compile_tree
+        for t in trees:
+            tb = compile_tree(t)
+            n = tb.num_nodes - 1
+            out.append(Config(f"ours-tree-n{n}-d{tb.max_depth}", vllm_eagle.speculative_kwargs(head, tree=t), n,
+                              tb.max_depth))
+    for c in out:
+        c.depth = c.depth or c.k
     return out
 
 
@@ -112,6 +126,7 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
         out["tau"] = 1 + acc / max(1, drafts)
         out["per_position_acceptance"] = [round(p / max(1, drafts), 4) for p in per_pos]
     if cfg.name.startswith("ours"):
+        out["depth"] = cfg.depth
         st = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0]
         out["step_ms"] = 1000 * wall / max(1, st["steps"])
         out["draft_ms"] = 1000 * st["draft_s"] / max(1, st["steps"])
@@ -196,8 +211,7 @@ def fill_cost_model(rows: list[Row], raw: dict) -> None:
         r.speedup = round(r.tokens_per_s / b.tokens_per_s, 3)
         extra = raw.get(id(r), {})
         if r.config.startswith("ours") and b.step_ms and r.step_ms:
-            k = int(r.config.rsplit("k", 1)[1])
-            r.draft_cost_c = round(extra["draft_ms"] / (k * b.step_ms), 3)
+            r.draft_cost_c = round(extra["draft_ms"] / (extra["depth"] * b.step_ms), 3)
             r.verify_cost_v = round((r.step_ms - extra["draft_ms"]) / b.step_ms, 3)
 
 
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--ks", nargs="+", type=int, default=[3, 5])
     p.add_argument("--configs", nargs="+", default=["ngram", "native", "ours"])
+    p.add_argument("--trees", nargs="*", default=[DEFAULT_TREE], help="static trees (path tuples) for ours")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, 4)")
     p.add_argument("--reps", type=int, default=3)
@@ -279,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     need = max(max(a.batch_sizes) * a.prompts_per_batch, 4)
     wls = workloads(AutoTokenizer.from_pretrained(target), a.workloads, need)
     rows, raw = [], {}
-    for cfg in configs(head, a.ks, a.configs):
+    for cfg in configs(head, a.ks, a.configs, a.trees):
         print(f"[bench] {cfg.name}", flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)
