@@ -30,10 +30,15 @@ def vanilla(smollm2, mtbench_prompts):
     return out
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k):
+TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]"
+
+
+@pytest.mark.parametrize("k,tree", [(1, "chain"), (3, "chain"), (5, "chain"), (8, TREE)])
+def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k, tree):
+    """Chains (K = 1, 3, 5) and a static tree (8 nodes: masks, tree positions and KV commit on a real model)."""
     assert len(mtbench_prompts) == 16
-    llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, target=smollm2))
+    llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, tree=tree,
+                                                          target=smollm2))
     for one_at_a_time in (True, False):
         got = generate(llm, mtbench_prompts, one_at_a_time)
         for i, (a, b) in enumerate(zip(got, vanilla[one_at_a_time])):
@@ -44,6 +49,8 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
     assert c["drafts"] > 0 and c["draft_tokens"] == k * c["drafts"]
     assert c["accepted_tokens"] > 0, c                     # the trained head is accepted on the real model
     assert len(c["accepted_tokens_per_pos"]) == k
+    if tree != "chain":
+        assert c["accepted_tokens_per_pos"][1] > 0        # paths deeper than one node were accepted
 
 
 def test_oracle_pair_lossless_with_high_acceptance(oracle):

@@ -54,7 +54,8 @@ def add_eagle_args(parser) -> None:
     g.add_argument("--speculative-model", default=None, metavar="HEAD",
                    help="EAGLE-1 head folder; turns on vllm-eagle speculation")
     g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K", help="draft tokens per step (K)")
-    g.add_argument("--eagle-tree", default="chain", help="draft shape: chain")
+    g.add_argument("--eagle-tree", default="chain", metavar="TREE",
+                   help="draft shape: chain, or path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes)")
 
 
 def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
