@@ -47,3 +47,22 @@ def test_expand_fix_is_installed_in_the_engine(oracle):
         assert got.tolist() == [5, 9, 9]
     finally:
         close(llm)
+
+
+def test_contact_points_keep_their_shape():
+    """C1-C3 of the patches.py ledger: the private methods our subclasses override still take what we pass."""
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def params(f):
+        return list(inspect.signature(f).parameters)[1:]
+    assert params(GPUModelRunner.propose_draft_token_ids) == [
+        "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states", "sample_hidden_states",
+        "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata", "slot_mappings"]
+    assert params(GPUModelRunner._prepare_inputs)[:2] == ["scheduler_output", "num_scheduled_tokens"]
+    assert params(GPUModelRunner._sample) == ["logits", "spec_decode_metadata"]
+    assert "num_tokens" in params(GPUModelRunner._build_attention_metadata)
+    assert params(CPUAttentionBackendImpl.forward)[:7] == ["layer", "query", "key", "value", "kv_cache",
+                                                           "attn_metadata", "output"]
+    assert callable(selector._cached_get_attn_backend.cache_clear)

@@ -25,6 +25,15 @@ P3  CpuPlatform.register_triton_kernel_overrides (vllm/platforms/cpu.py) -> expa
             (`expand_kernel_impl` below) for "vllm.v1.sample.rejection_sampler.expand_kernel" through vLLM's own
             `register_kernels` dispatcher.
     Remove: when `_expand_kernel_impl` writes back into non-int64 outputs upstream.
+
+Contact points (no patching, but private vLLM API our subclasses rely on; tests/test_patches.py pins their shapes)
+------------------------------------------------------------------------------------------------------------------
+C1  GPUModelRunner.propose_draft_token_ids / _prepare_inputs / _build_attention_metadata / _sample, overridden by
+    worker.EagleCPUModelRunner (features, tree positions, tree masks, tree acceptance + KV commit).
+C2  CPUAttentionBackendImpl.forward, subclassed by tree_attention.TreeCPUAttentionImpl; registered over CPU_ATTN with
+    the official register_backend, plus selector._cached_get_attn_backend.cache_clear() so layers built later see it.
+C3  input_batch.block_table[g].slot_mapping, static_forward_context[layer].kv_cache / .isa (kv_commit.py), and the
+    CPU KV page layout probed through ops.cpu_attn_reshape_and_cache (kv_layout.py).
 """
 from __future__ import annotations
 
