@@ -267,7 +267,8 @@ def plots(rows: list[Row], stem: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="MT-Bench only, greedy, bs 1 and 8, 128 tokens, K=3 (<10 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="MT-Bench only, greedy, bs 1 and 8, 128 tokens, K=3, one batch per size (~20 min here)")
     p.add_argument("--target")
     p.add_argument("--head")
     p.add_argument("--workloads", nargs="+", default=["mtbench", "humaneval", "sharegpt"])
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     a = p.parse_args(argv)
     if a.quick:
         a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 128
-        a.serve_concurrency = []
+        a.serve_concurrency, a.prompts_per_batch = [], 1
     import vllm_eagle
     from transformers import AutoTokenizer
     from vllm import LLM
