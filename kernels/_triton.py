@@ -1,5 +1,6 @@
-"""Triton import guard: the kernels exist wherever `triton` imports; they launch only on CUDA tensors or under
-TRITON_INTERPRET=1 (set before the kernel modules are imported)."""
+"""Triton import guard: the kernels exist wherever `triton` imports; the wrappers launch them on CUDA tensors, and on
+CPU tensors only when VLLM_EAGLE_TRITON_INTERPRET=1 asks for it (tests, with TRITON_INTERPRET=1 set before the kernel
+modules are imported). Everything else, the serving path on this CPU included, runs the torch references."""
 import os
 
 try:
@@ -14,4 +15,6 @@ except ImportError:                                   # pragma: no cover - trito
 def use_triton(*tensors) -> bool:
     if not HAS_TRITON:
         return False
-    return os.environ.get("TRITON_INTERPRET") == "1" or all(t.is_cuda for t in tensors)
+    if os.environ.get("VLLM_EAGLE_TRITON_INTERPRET") == "1":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return all(t.is_cuda for t in tensors)

@@ -12,6 +12,18 @@ from vllm_eagle.tree import compile_tree
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Route the wrappers to the (interpreted) Triton kernels; the engine path keeps the torch references."""
+    monkeypatch.setenv("VLLM_EAGLE_TRITON_INTERPRET", "1")
+
+
+def test_wrappers_use_the_reference_without_opt_in(monkeypatch):
+    from kernels._triton import use_triton
+    monkeypatch.delenv("VLLM_EAGLE_TRITON_INTERPRET")
+    assert not use_triton(torch.zeros(1))
+
+
 def random_trees(B: int, N: int, seed: int):
     """B random BFS-ordered trees of up to N nodes each, padded to N: parent [B, N] int32, num_nodes [B] int32."""
     rng = random.Random(seed)
