@@ -66,6 +66,11 @@ def make_oracle_pair(target: str, out_root: str) -> tuple[str, str]:
         state = load_file(os.path.join(target, "model.safetensors"))
         state = {k: torch.zeros_like(v) if k.endswith(("o_proj.weight", "down_proj.weight")) else v
                  for k, v in state.items()}
+        # Sharpen both models' next-token distributions (argmax unchanged: the target's final norm undoes the embedding
+        # scale) so draft confidences separate rank 0 from the rest, as a trained head's do; EAGLE-2 trees then grow
+        # deep along the oracle's path.
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 50
+        state["lm_head.weight"] = state["lm_head.weight"] * 100
         save_file(state, os.path.join(tid, "model.safetensors"), metadata={"format": "pt"})
     if not os.path.isfile(os.path.join(hid, "model.safetensors")):
         with open(os.path.join(target, "config.json")) as f:

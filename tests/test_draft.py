@@ -3,7 +3,7 @@ whole entry sequence (committed entries + the drafted path) for every draft (no 
 import numpy as np
 import torch
 
-from vllm_eagle.draft import commit_entries, draft_tree
+from vllm_eagle.draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
 from vllm_eagle.draft_head import EagleHead, HeadConfig, attend
 from vllm_eagle.draft_kv import DraftKVCache
 from vllm_eagle.features import FeatureBatch
@@ -120,3 +120,52 @@ def test_tree_matches_per_branch_reference():
         for b, (r, p) in enumerate((("u", 10), ("w", 3))):
             want = reference_tree(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], tree.paths[1:])
             assert got[b].tolist() == [want[path] for path in tree.paths[1:]], (r, got[b].tolist(), want)
+
+
+def reference_dynamic(head, embed_w, lm_w, feats, tokens, depth, top_k, total):
+    """EAGLE-2 by brute force: every node's children recomputed from scratch along its path; -> {path: token} of the
+    `total` best nodes by summed draft log-prob (the frontier of each depth = its top_k nodes)."""
+    pool, frontier = [], [((), list(feats), list(tokens[1:]), 0.0)]
+    for _ in range(depth):
+        cands = []
+        for path, entry_f, entry_t, score in frontier:
+            g = reference_feature(head, embed_w, entry_f, entry_t)
+            lp, ids = (g @ lm_w.T).log_softmax(-1).topk(top_k)
+            cands += [(path + (r,), entry_f + [g], entry_t + [int(ids[r])], score + float(lp[r])) for r in range(top_k)]
+        pool += cands
+        frontier = sorted(cands, key=lambda c: -c[3])[:top_k]
+    return {c[0]: c[2][-1] for c in sorted(pool, key=lambda c: -c[3])[:total]}
+
+
+def test_dynamic_tree_matches_brute_force_eagle2():
+    """Two requests of different lengths (so different trees), float64 so near-tied scores rank the same."""
+    torch.manual_seed(0)
+    head = EagleHead(CFG).double().eval()
+    with torch.no_grad():
+        for proj in (head.q_proj, head.k_proj, head.v_proj, head.o_proj):
+            proj.weight.mul_(4)
+    embed_w, lm_w = torch.randn(37, 48, dtype=torch.float64), torch.randn(37, 48, dtype=torch.float64)
+    lens = {"u": 9, "w": 5}
+    seqs = {r: torch.randint(0, 37, (n + 1,)) for r, n in lens.items()}
+    feats = {r: torch.randn(n, 48, dtype=torch.float64) for r, n in lens.items()}
+    token_ids = np.zeros((2, 16), dtype=np.int64)
+    for i, r in enumerate(lens):
+        token_ids[i, : len(seqs[r])] = seqs[r].numpy()
+    fb = feature_batch(["u", "w"], torch.cat([feats["u"], feats["w"]]), [0, 9, 14], [0, 0], [9, 5], [True, True],
+                       token_ids)
+    kv = DraftKVCache(CFG.num_kv_heads, CFG.head_dim, torch.float64)
+    trees = set()
+    with torch.no_grad():
+        x, last = commit_entries(head, kv, fb, lambda t: embed_w[t])
+        for depth, top_k, total in ((4, 3, 10), (3, 2, 6), (1, 4, 3)):
+            sel, tok, par, rank = draft_dynamic(head, kv, ["u", "w"], x[torch.from_numpy(last)], np.array([8, 4]),
+                                                depth, top_k, total, lambda t: embed_w[t],
+                                                lambda h, k: (h @ lm_w.T).log_softmax(-1).topk(k, dim=-1))
+            assert sel.shape == (2, total) and (sel[:, 1:] > sel[:, :-1]).all()
+            for b, (r, p) in enumerate((("u", 8), ("w", 4))):
+                paths = dynamic_tree_paths(sel[b].tolist(), par[b].tolist(), rank[b].tolist())
+                got = {path: int(tok[b, i]) for path, i in zip(paths, sel[b].tolist())}
+                want = reference_dynamic(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], depth, top_k, total)
+                assert got == want, (r, depth, top_k, total)
+                trees.add(compile_tree(paths).paths)     # a valid tree (parents present, no rank gaps)
+    assert len(trees) > 3                                # the two requests grew different shapes

@@ -1,4 +1,4 @@
-"""Static draft trees verified in one target pass inside vLLM: greedy output identical to vanilla (fp32), with trees,
+"""Static and EAGLE-2 dynamic draft trees verified in one target pass inside vLLM: greedy output identical to vanilla (fp32), with trees,
 chains (sampled rows) and prefills mixed in one continuously batched engine."""
 import pytest
 from conftest import generate_ids
@@ -8,28 +8,33 @@ import vllm_eagle
 from vllm_eagle.config import EagleOptionError
 
 TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]"
+SHAPES = {"static": dict(tree=TREE), "dynamic": dict(tree="dynamic", depth=4, top_k=2, total_tokens=6)}
+shapes = pytest.mark.parametrize("shape", sorted(SHAPES))
 
 
-def test_oracle_tree_lossless_and_deep(oracle):
+@shapes
+def test_oracle_tree_lossless_and_deep(oracle, shape):
     target, head = oracle
     prompts = ["def main(", "import os", "class Foo:", "for i in range(", "x = [i for i in"]
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     want, _ = generate_ids(target, prompts, sp)
-    got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, tree=TREE))
+    got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, **SHAPES[shape]))
     assert got == want
     assert c["draft_tokens"] == 6 * c["drafts"]                      # all 6 nodes verified per step
-    assert 1 + c["accepted_tokens"] / c["drafts"] > 3.0, c          # depth-3 paths accepted (oracle: rank 0 right)
+    assert 1 + c["accepted_tokens"] / c["drafts"] > 3.0, c          # depth-3+ paths accepted (oracle: rank 0 right)
 
 
-def test_random_head_tree_lossless(tiny, tiny_random_head):
+@shapes
+def test_random_head_tree_lossless(tiny, tiny_random_head, shape):
     prompts = ["def main(", "import os", "class Foo:"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want, _ = generate_ids(tiny, prompts, sp)
-    got, c = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(tiny_random_head, tree=TREE))
+    got, c = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(tiny_random_head, **SHAPES[shape]))
     assert got == want and c["drafts"] > 0
 
 
-def test_tree_with_chunked_prefill_and_sampled_rows(oracle):
+@shapes
+def test_tree_with_chunked_prefill_and_sampled_rows(oracle, shape):
     """Long prompts in chunks next to tree rows; a sampled request in the same batch drafts a chain."""
     from conftest import close, make_llm
     target, head = oracle
@@ -38,7 +43,7 @@ def test_tree_with_chunked_prefill_and_sampled_rows(oracle):
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     kw = dict(max_num_batched_tokens=64, max_num_seqs=5)
     want, _ = generate_ids(target, prompts, greedy, **kw)
-    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, tree=TREE), **kw)
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, **SHAPES[shape]), **kw)
     sampled = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True, seed=1)
     outs = llm.generate(prompts + ["while True:"], [greedy] * 4 + [sampled], use_tqdm=False)
     close(llm)
@@ -49,3 +54,14 @@ def test_tree_with_chunked_prefill_and_sampled_rows(oracle):
 def test_bad_tree_is_rejected():
     with pytest.raises(EagleOptionError, match=r"tree: tree path \(0, 0, 0\) has no parent"):
         vllm_eagle.speculative_kwargs("/tmp", tree="[(0,), (0, 0, 0)]")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(tree="dynamic", depth=0), "dynamic tree depth must be a positive integer"),
+    (dict(tree="dynamic", top_k=99), "top_k=99 is over 16"),
+    (dict(tree="dynamic", depth=2, top_k=2, total_tokens=7), "total_tokens=7 exceeds what depth=2, top_k=2 can draft"),
+    (dict(tree="chain", total_tokens=5), "total_tokens is an option of tree='dynamic'"),
+])
+def test_bad_dynamic_options_are_rejected(tiny_random_head, kw, msg):
+    with pytest.raises(EagleOptionError, match=msg):
+        vllm_eagle.speculative_kwargs(tiny_random_head, **kw)

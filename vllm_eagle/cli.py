@@ -27,7 +27,11 @@ def generate(argv: list[str]) -> None:
                                 description="Generate with EAGLE speculation and report tokens/s and tau.")
     p.add_argument("--target", help="HF model folder (default: SmolLM2-135M-Instruct, prepared on first use)")
     p.add_argument("--head", help="EAGLE-1 head folder (default: the head shipped for SmolLM2)")
-    p.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=None,
+                   help="draft tokens per step (chain default 3; dynamic trees: total_tokens, default 8)")
+    p.add_argument("--tree", default="chain", help="chain, path tuples \"[(0,), (1,), (0, 0)]\", or dynamic")
+    p.add_argument("--depth", type=int, default=4, help="dynamic trees: draft forwards per step")
+    p.add_argument("--top-k", type=int, default=4, help="dynamic trees: children per expanded node")
     p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
@@ -40,7 +44,10 @@ def generate(argv: list[str]) -> None:
     from .assets import chat_prompts, mtbench_questions
     target = a.target or vllm_eagle.default_target()
     head = a.head or vllm_eagle.default_head()
-    spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=a.num_speculative_tokens, target=target)
+    dyn = {"depth": a.depth, "top_k": a.top_k} if a.tree == "dynamic" else {}
+    spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=a.num_speculative_tokens, tree=a.tree,
+                                         target=target, **dyn)
+    k = spec["speculative_config"]["num_speculative_tokens"]
     questions = a.prompt or [q["turns"][0] for q in mtbench_questions()[:4]]
     prompts = chat_prompts(AutoTokenizer.from_pretrained(target), questions)
     sp = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, seed=0)
@@ -60,7 +67,7 @@ def generate(argv: list[str]) -> None:
     for q, o in zip(questions, outs):
         print(f"\n### {q}\n{o.outputs[0].text}")
     tau = 1 + c["accepted_tokens"] / c["drafts"] if c.get("drafts") else float("nan")
-    print(f"\nvllm-eagle: {len(prompts)} prompts, K={a.num_speculative_tokens}, {a.dtype}: {tps:.1f} tokens/s, "
+    print(f"\nvllm-eagle: {len(prompts)} prompts, tree={a.tree}, K={k}, {a.dtype}: {tps:.1f} tokens/s, "
           f"mean acceptance length tau = {tau:.2f}")
     if a.compare:
         _, base_tps, _ = run({})

@@ -11,6 +11,10 @@ from .draft_head import HeadConfigError, check_head_matches_target, read_config
 PROPOSER_CLASS = "vllm_eagle.proposer.EagleProposer"
 WORKER_CLASS = "vllm_eagle.worker.EagleCPUWorker"
 CONFIG_KEY = "vllm_eagle"                        # our entry in vLLM's --additional-config
+DYNAMIC = "dynamic"
+# EAGLE-2 dynamic tree defaults on this CPU: verify cost grows with tree nodes (v(N)), so the budget stays small.
+DYNAMIC_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 8}
+MAX_DYNAMIC_TOP_K = 16
 
 
 class EagleOptionError(ValueError):
@@ -21,7 +25,10 @@ class EagleOptionError(ValueError):
 class EagleOptions:
     head: str                                     # EAGLE-1 head folder (official layout)
     num_speculative_tokens: int                   # K: draft tokens per step (chain length)
-    tree: str = "chain"                           # draft shape: "chain" or Medusa-style path tuples (see tree.py)
+    tree: str = "chain"                           # draft shape: "chain", Medusa-style path tuples (see tree.py)
+                                                  # or "dynamic" (EAGLE-2; K = total_tokens, the tree's draft nodes)
+    depth: int = DYNAMIC_DEFAULTS["depth"]        # dynamic trees: draft forwards per step
+    top_k: int = DYNAMIC_DEFAULTS["top_k"]        # dynamic trees: children per expanded node, nodes expanded per depth
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
     draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
 
@@ -29,7 +36,19 @@ class EagleOptions:
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
             raise EagleOptionError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}"
                                    " (e.g. --num-speculative-tokens 3)")
-        if self.tree != "chain":
+        if self.tree == DYNAMIC:
+            from .tree import MAX_TREE_NODES
+            for name, v in (("depth", self.depth), ("top_k", self.top_k)):
+                if not isinstance(v, int) or v <= 0:
+                    raise EagleOptionError(f"dynamic tree {name} must be a positive integer, got {v!r}")
+            if self.top_k > MAX_DYNAMIC_TOP_K:
+                raise EagleOptionError(f"dynamic tree top_k={self.top_k} is over {MAX_DYNAMIC_TOP_K}: use a smaller top_k")
+            pool = self.top_k + (self.depth - 1) * self.top_k ** 2
+            if self.num_speculative_tokens > min(pool, MAX_TREE_NODES - 1):
+                raise EagleOptionError(f"dynamic tree total_tokens={self.num_speculative_tokens} exceeds what depth="
+                                       f"{self.depth}, top_k={self.top_k} can draft ({pool}) or the {MAX_TREE_NODES - 1}"
+                                       "-node limit: lower total_tokens (--num-speculative-tokens) or raise depth/top_k")
+        elif self.tree != "chain":
             from .tree import TreeSpecError, compile_tree
             try:
                 nodes = compile_tree(self.tree).num_nodes - 1
@@ -50,7 +69,12 @@ class EagleOptions:
                                    "build the engine arguments with vllm_eagle.speculative_kwargs(HEAD, ...) or "
                                    "`vllm serve TARGET --speculative-model HEAD`")
         k = vllm_config.speculative_config.num_speculative_tokens
+        unknown = set(extra) - {f for f in cls.__dataclass_fields__ if f != "num_speculative_tokens"}
+        if unknown:
+            raise EagleOptionError(f"unknown {CONFIG_KEY} option(s) {sorted(unknown)}; known: head, tree, depth, top_k, "
+                                   "feature_layers, draft_vocab")
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
+                   depth=extra.get("depth", DYNAMIC_DEFAULTS["depth"]), top_k=extra.get("top_k", DYNAMIC_DEFAULTS["top_k"]),
                    feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)))
 
 
@@ -63,11 +87,16 @@ def validate_against_target(head: str, target: str | None) -> None:
             check_head_matches_target(head_cfg, json.load(f), head)
 
 
-def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "chain", *,
-                       target: str | None = None, feature_layers: tuple[int, ...] = (), draft_vocab: bool = True,
+def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tree: str = "chain", *,
+                       depth: int = DYNAMIC_DEFAULTS["depth"], top_k: int = DYNAMIC_DEFAULTS["top_k"],
+                       total_tokens: int | None = None, target: str | None = None,
+                       feature_layers: tuple[int, ...] = (), draft_vocab: bool = True,
                        k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
+    tree: "chain" (K = num_speculative_tokens, default 3), path tuples (K = its nodes) or "dynamic" (EAGLE-2: `depth`
+    draft forwards, `top_k` children per expanded node and nodes expanded per depth, `total_tokens` draft nodes kept,
+    default 8; num_speculative_tokens is an alias of total_tokens there).
     Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
     worker_cls (our CPU worker, whose runner hands target features to the proposer), and enable_prefix_caching=False
     (the draft KV of a cached prefix is not rebuilt yet). Pass target= to check the head against it up front.
@@ -75,14 +104,19 @@ def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "
     the K to use per number of running requests; K=0 turns speculation off for that range (drafts stop, the head's
     KV keeps being committed so speculation resumes when load drops).
     """
-    if tree != "chain":                           # a tree verifies all its nodes: K = number of draft nodes
+    if tree == DYNAMIC:
+        num_speculative_tokens = total_tokens or num_speculative_tokens or DYNAMIC_DEFAULTS["total_tokens"]
+    elif total_tokens is not None:
+        raise EagleOptionError("total_tokens is an option of tree='dynamic'; chains and static trees take "
+                               "num_speculative_tokens / their path tuples")
+    elif tree != "chain":                         # a tree verifies all its nodes: K = number of draft nodes
         from .tree import TreeSpecError, compile_tree
         try:
             num_speculative_tokens = compile_tree(tree).num_nodes - 1
         except TreeSpecError as e:
             raise EagleOptionError(f"tree: {e}") from None
-    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens, tree=tree,
-                        feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
+    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens or 3, tree=tree,
+                        depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

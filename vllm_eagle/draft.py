@@ -110,3 +110,84 @@ def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: to
         v_pad[batch, cols] = v.unflatten(0, (B, m))
         x, q = x.unflatten(0, (B, m)), q.unflatten(0, (B, m))
     return tokens[:, 1:]
+
+
+def draft_dynamic(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,
+                  depth: int, top_k: int, total: int, embed: Callable[[torch.Tensor], torch.Tensor],
+                  topk_logprobs: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EAGLE-2 dynamic tree: grow by cumulative draft confidence, then rerank globally.
+
+    x_last [B, H] fc output of each request's root entry; pos_last [B] its position p.
+    topk_logprobs   predicted features [M, H], k -> (draft log-probs [M, k], token ids [M, k]), best first
+    Depth 1 takes the root's top_k children. Each further depth expands the frontier (the top_k nodes of the previous
+    depth by score = sum of draft log-probs from the root) with one head forward and scores its top_k children each.
+    Every scored node joins the candidate pool; the `total` best candidates form the tree. A child never scores above
+    its parent, nor a sibling above a lower-ranked one, so with ties broken by pool order (parents and lower ranks
+    first) the selection is a tree whose sibling ranks have no gaps.
+
+    -> (selected [B, total] pool indices in ascending pool order, tokens [B, P], parent [B, P] pool index or -1 for
+       the root's children, rank [B, P] top-k rank among siblings); P = top_k + (depth - 1) * top_k**2.
+    E.g. top_k 2, depth 2: pool 0, 1 = the root's children; 2, 3 = node 0's (or node 1's, whichever is in the
+    frontier) children, and so on.
+
+    Scratch columns: committed entries 0..p, then the entry of frontier slot i at depth d in column p + 1 +
+    (d-1)*top_k + i. A frontier node sees the committed columns and the columns of its expanded ancestors and itself.
+    """
+    B, K, E = len(req_ids), top_k, (depth - 1) * top_k
+    pos = torch.as_tensor(pos_last)                                                    # [B]
+    k_pad, v_pad = kv.scratch(req_ids, (pos_last + 1).tolist(), extra=E)               # [B, T, nkv, hd]
+    T = k_pad.shape[1]
+    cols = torch.arange(T)[None, :]
+    committed = cols <= pos[:, None]                                                   # [B, T]
+    extra_col = cols - pos[:, None] - 1                                                # [B, T] index into vis
+    extra_col = torch.where((extra_col >= 0) & (extra_col < E), extra_col, E)          # E = the all-False column
+    batch = torch.arange(B)[:, None]
+
+    q = head.qkv(x_last, pos)[0][:, None]                                              # [B, 1, nh, hd]
+    g = head.finish(x_last[:, None], attend(q, k_pad, v_pad, committed[:, None, :]))   # [B, 1, H]
+    lp, tok = (t.view(B, K) for t in topk_logprobs(g[:, 0], K))                        # [B, K]
+    pool_tok, pool_score = [tok], [lp]
+    pool_parent, pool_rank = [torch.full((B, K), -1)], [torch.arange(K).expand(B, K)]
+    front, front_score, front_tok = torch.arange(K).expand(B, K), lp, tok             # [B, K] pool idx, score, token
+    g_parent = g.expand(B, K, -1)                                                      # [B, K, H]
+    vis = torch.zeros(B, K, E + 1, dtype=torch.bool)                                   # [B, K, E + 1]
+    offset = K
+    for d in range(1, depth):
+        # entries (g_parent, token) of the frontier, depth d, at position p + d -> scratch columns
+        x = head.project(embed(front_tok.flatten()), g_parent.flatten(0, 1))           # [B*K, H]
+        q, k, v = head.qkv(x, (pos[:, None] + d).expand(B, K).flatten())
+        own = (d - 1) * K + torch.arange(K)                                            # [K] extra columns
+        k_pad[batch, pos[:, None] + 1 + own] = k.unflatten(0, (B, K))
+        v_pad[batch, pos[:, None] + 1 + own] = v.unflatten(0, (B, K))
+        vis[:, torch.arange(K), own] = True
+        mask = committed[:, None, :] | vis.gather(2, extra_col[:, None, :].expand(B, K, T))   # [B, K, T]
+        g = head.finish(x.unflatten(0, (B, K)), attend(q.unflatten(0, (B, K)), k_pad, v_pad, mask))  # [B, K, H]
+        lp, tok = (t.view(B, K, K) for t in topk_logprobs(g.flatten(0, 1), K))         # [B, K, K]
+        score = (front_score[:, :, None] + lp).flatten(1)                              # [B, K*K]
+        pool_tok.append(tok.flatten(1))
+        pool_score.append(score)
+        pool_parent.append(front[:, :, None].expand(B, K, K).flatten(1))
+        pool_rank.append(torch.arange(K).repeat(K).expand(B, K * K))
+        if d == depth - 1:
+            break
+        best = score.topk(K, dim=1).indices                                            # [B, K] into this depth
+        slot = best // K                                                               # frontier slot of the parent
+        front, front_score, front_tok = offset + best, score.gather(1, best), tok.flatten(1).gather(1, best)
+        g_parent, vis = g[batch, slot], vis[batch, slot]
+        offset += K * K
+    scores = torch.cat(pool_score, 1)                                                  # [B, P]
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :total]                 # best first, ties: pool order
+    selected = order.sort(dim=1).values                                                # [B, total]
+    return selected, torch.cat(pool_tok, 1), torch.cat(pool_parent, 1), torch.cat(pool_rank, 1)
+
+
+def dynamic_tree_paths(selected: list[int], parent: list[int], rank: list[int]) -> list[tuple[int, ...]]:
+    """Path tuples of the selected pool nodes (ascending pool order, so parents come first).
+
+    E.g. selected [0, 1, 2], parent [-1, -1, 0], rank [0, 1, 0] -> [(0,), (1,), (0, 0)].
+    """
+    path: dict[int, tuple[int, ...]] = {}
+    for i in selected:
+        path[i] = (path[parent[i]] if parent[i] >= 0 else ()) + (rank[i],)
+    return [path[i] for i in selected]

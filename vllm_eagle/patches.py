@@ -62,9 +62,14 @@ def add_eagle_args(parser) -> None:
     g = parser.add_argument_group("EAGLE (vllm-eagle)", "EAGLE speculative decoding from the vllm-eagle plugin")
     g.add_argument("--speculative-model", default=None, metavar="HEAD",
                    help="EAGLE-1 head folder; turns on vllm-eagle speculation")
-    g.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K", help="draft tokens per step (K)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="draft tokens per step (K; chain default 3; for --eagle-tree dynamic: total_tokens, default 8)")
     g.add_argument("--eagle-tree", default="chain", metavar="TREE",
-                   help="draft shape: chain, or path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes)")
+                   help="draft shape: chain, path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes), or "
+                        "dynamic (EAGLE-2 trees grown per request by draft confidence)")
+    g.add_argument("--eagle-depth", type=int, default=None, help="dynamic trees: draft forwards per step (default 4)")
+    g.add_argument("--eagle-top-k", type=int, default=None,
+                   help="dynamic trees: children per expanded node and nodes expanded per depth (default 4)")
 
 
 def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
@@ -74,7 +79,10 @@ def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
     from .config import CONFIG_KEY, speculative_kwargs
     if engine_args.speculative_config:
         raise ValueError("--speculative-model and --speculative-config are mutually exclusive: use one of them")
-    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model)
+    dyn = {k: v for k, v in (("depth", args.eagle_depth), ("top_k", args.eagle_top_k)) if v is not None}
+    if dyn and args.eagle_tree != "dynamic":
+        raise ValueError("--eagle-depth/--eagle-top-k apply to --eagle-tree dynamic only")
+    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model, **dyn)
     engine_args.speculative_config = kw["speculative_config"]
     engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: kw["additional_config"][CONFIG_KEY]}
     if engine_args.worker_cls not in ("auto", kw["worker_cls"]):

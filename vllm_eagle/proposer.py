@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import WORKER_CLASS, EagleOptions
-from .draft import commit_entries, draft_tree
+from .config import DYNAMIC, WORKER_CLASS, EagleOptions
+from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
 from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
@@ -27,6 +27,9 @@ _chain = functools.lru_cache(maxsize=None)(chain)
 def _prefix_tree(paths: tuple, n: int) -> TreeBuffers:
     """The first n draft nodes of a tree (BFS order keeps a prefix a tree)."""
     return compile_tree(list(paths[1:n + 1]))
+
+
+_compiled_tree = functools.lru_cache(maxsize=4096)(compile_tree)     # dynamic trees repeat their shapes
 
 
 @dataclass
@@ -44,7 +47,8 @@ class EagleProposer:
         self.dtype = vllm_config.model_config.dtype
         self.head: EagleHead | None = None
         self.stats = ProposerStats()
-        self.tree = None if self.options.tree == "chain" else compile_tree(self.options.tree)
+        self.dynamic = self.options.tree == DYNAMIC
+        self.tree = None if self.options.tree in ("chain", DYNAMIC) else compile_tree(self.options.tree)
         self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
 
     def load_model(self, target: torch.nn.Module) -> None:
@@ -79,6 +83,16 @@ class EagleProposer:
         best = (hidden @ self.draft_lm_head.T).topk(k, dim=-1).indices
         return best if self.draft_vocab is None else self.draft_vocab[best]
 
+    def topk_logprobs(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """predicted features [M, H] -> (draft log-probs [M, k], token ids [M, k]), best first: the draft confidences
+        EAGLE-2 grows its tree by (normalised over the draft vocabulary)."""
+        if self.draft_lm_head is None:
+            logits = self.target.compute_logits(hidden)[:, : self.vocab_size]
+        else:
+            logits = hidden @ self.draft_lm_head.T
+        lp, best = logits.float().log_softmax(-1).topk(k, dim=-1)
+        return lp, (best if self.draft_vocab is None else self.draft_vocab[best])
+
     def propose(self, *args, **kwargs):
         raise RuntimeError(f"vllm_eagle's proposer needs target features, which only its worker provides: start the "
                            f"engine with worker_cls={WORKER_CLASS!r} (vllm_eagle.speculative_kwargs or "
@@ -96,6 +110,9 @@ class EagleProposer:
     def shapes(self, num_drafts: int) -> tuple[TreeBuffers, TreeBuffers]:
         """(tree for greedy rows, chain for sampled rows) within this step's K; sampled rows draft a chain of the
         tree's depth, verified by vLLM's rejection sampler (lossless sampling with trees is not built yet)."""
+        if self.dynamic:                                 # the tree is grown per request in _propose_step
+            n = min(num_drafts, self.options.num_speculative_tokens)
+            return None, _chain(min(n, self.options.depth))
         if self.tree is None:
             return _chain(num_drafts), _chain(num_drafts)
         n = min(num_drafts, self.tree.num_nodes - 1)
@@ -112,10 +129,17 @@ class EagleProposer:
             return out
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
-        groups = [(tree, fits)] if self.tree is None else [(tree, fits & fb.greedy), (chain, fits & ~fb.greedy)]
+        if self.tree is None and not self.dynamic:
+            groups = [(tree, fits)]
+        else:
+            groups = [(tree, fits & fb.greedy), (chain, fits & ~fb.greedy)]
         for shape, selected in groups:
             rows = np.nonzero(selected)[0]
             if len(rows) == 0:
+                continue
+            if shape is None:
+                self._draft_dynamic(fb, rows, x[torch.from_numpy(last[rows])], pos_last[rows],
+                                    min(fb.num_drafts, self.options.num_speculative_tokens), out)
                 continue
             drafts = draft_tree(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
                                 pos_last[rows], shape, self.embed, self.topk_tokens)
@@ -124,3 +148,19 @@ class EagleProposer:
                 if shape.num_nodes > shape.max_depth + 1:              # a real tree: verify.py lays it out
                     self.drafted_trees[fb.req_ids[r]] = shape
         return out
+
+    def _draft_dynamic(self, fb: FeatureBatch, rows: np.ndarray, x_last: torch.Tensor, pos_last: np.ndarray,
+                       total: int, out: list[list[int]]) -> None:
+        """EAGLE-2 trees for `rows`: each request gets its own tree, compiled to the same buffers as static ones."""
+        o = self.options
+        req_ids = [fb.req_ids[r] for r in rows]
+        selected, tokens, parent, rank = draft_dynamic(self.head, self.kv, req_ids, x_last, pos_last, o.depth,
+                                                       o.top_k, total, self.embed, self.topk_logprobs)
+        selected, tokens, parent, rank = selected.tolist(), tokens.tolist(), parent.tolist(), rank.tolist()
+        for b, r in enumerate(rows.tolist()):
+            paths = dynamic_tree_paths(selected[b], parent[b], rank[b])
+            tree = _compiled_tree(tuple(sorted(paths, key=lambda p: (len(p), p))))
+            token_of = {p: tokens[b][i] for p, i in zip(paths, selected[b])}
+            out[r] = [token_of[p] for p in tree.paths[1:]]
+            if tree.num_nodes > tree.max_depth + 1:
+                self.drafted_trees[fb.req_ids[r]] = tree

