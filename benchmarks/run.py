@@ -56,7 +56,8 @@ class Config:
 DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]"
 
 
-def configs(head: str, ks: list[int], which: list[str], trees: list[str] = ()) -> list[Config]:
+def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
+            dynamic: list[tuple[int, int, int]] = ()) -> list[Config]:
     import vllm_eagle
     out = [Config("vanilla")]
     for k in ks:
@@ -75,6 +76,9 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = ()) -
             n = tb.num_nodes - 1
             out.append(Config(f"ours-tree-n{n}-d{tb.max_depth}", vllm_eagle.speculative_kwargs(head, tree=t), n,
                               tb.max_depth))
+        for d, k, n in dynamic:
+            out.append(Config(f"ours-dynamic-n{n}-d{d}-k{k}", vllm_eagle.speculative_kwargs(
+                head, tree="dynamic", depth=d, top_k=k, total_tokens=n), n, d))
     for c in out:
         c.depth = c.depth or c.k
     return out
@@ -277,6 +281,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--ks", nargs="+", type=int, default=[3, 5])
     p.add_argument("--configs", nargs="+", default=["ngram", "native", "ours"])
     p.add_argument("--trees", nargs="*", default=[DEFAULT_TREE], help="static trees (path tuples) for ours")
+    p.add_argument("--dynamic", nargs="*", default=["4,4,8"], metavar="DEPTH,TOP_K,TOTAL",
+                   help="EAGLE-2 dynamic trees for ours")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, 4)")
     p.add_argument("--reps", type=int, default=3)
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     need = max(max(a.batch_sizes) * a.prompts_per_batch, 4)
     wls = workloads(AutoTokenizer.from_pretrained(target), a.workloads, need)
     rows, raw = [], {}
-    for cfg in configs(head, a.ks, a.configs, a.trees):
+    dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
+    for cfg in configs(head, a.ks, a.configs, a.trees, dynamic):
         print(f"[bench] {cfg.name}", flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)

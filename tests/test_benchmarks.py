@@ -11,13 +11,15 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
                  "--temperatures", "0", "--ks", "2", "--max-tokens", "8", "--reps", "1", "--out", str(tmp_path),
                  # ngram imports numba/llvmlite, whose objects crash vLLM 0.32's kernel-dispatcher scan when a later
                  # engine starts in the same process (in-process tests only; benchmarks run engines multiprocess).
-                 "--configs", "native", "ours", "--serve-concurrency", "--trees", "[(0,), (1,), (0, 0)]"])
+                 "--configs", "native", "ours", "--serve-concurrency", "--trees", "[(0,), (1,), (0, 0)]",
+                 "--dynamic", "2,2,3"])
     files = sorted(os.listdir(tmp_path))
     js = [f for f in files if f.endswith(".json")]
     assert len(js) == 1 and any(f.endswith(".md") for f in files) and any(f.endswith(".png") for f in files)
     data = json.load(open(tmp_path / js[0]))
     assert {"commit", "cpu", "vllm", "torch", "threads"} <= set(data["environment"])
-    assert [r["config"] for r in data["rows"]] == [c for c in ("vanilla", "native-eagle-k2", "ours-chain-k2", "ours-tree-n3-d2")
+    assert [r["config"] for r in data["rows"]] == [c for c in ("vanilla", "native-eagle-k2", "ours-chain-k2", "ours-tree-n3-d2",
+                                                                       "ours-dynamic-n3-d2-k2")
                                                    for _ in (1, 2)]
     fields = set(Row.__dataclass_fields__)
     for r in data["rows"]:

@@ -66,3 +66,28 @@ def test_contact_points_keep_their_shape():
     assert params(CPUAttentionBackendImpl.forward)[:7] == ["layer", "query", "key", "value", "kv_cache",
                                                            "attn_metadata", "output"]
     assert callable(selector._cached_get_attn_backend.cache_clear)
+
+
+def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
+    """P1/P2: the plugin's serve flags parse with vLLM's parser and become the engine arguments of the offline form."""
+    import pytest
+    import vllm_eagle
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    vllm_eagle.register()
+
+    def parse(*flags):
+        return EngineArgs.from_cli_args(EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(
+            ["--model", tiny, "--speculative-model", tiny_random_head, *flags]))
+
+    chain = parse()
+    assert chain.speculative_config["num_speculative_tokens"] == 3 and chain.worker_cls.endswith("EagleCPUWorker")
+    assert chain.enable_prefix_caching is False
+    dyn = parse("--eagle-tree", "dynamic", "--eagle-depth", "3", "--eagle-top-k", "2")
+    assert dyn.speculative_config["num_speculative_tokens"] == 8                     # total_tokens default
+    assert {k: dyn.additional_config["vllm_eagle"][k] for k in ("tree", "depth", "top_k")} == \
+        {"tree": "dynamic", "depth": 3, "top_k": 2}
+    assert parse("--eagle-tree", "dynamic", "--num-speculative-tokens", "5").speculative_config[
+        "num_speculative_tokens"] == 5
+    with pytest.raises(ValueError, match="apply to --eagle-tree dynamic only"):
+        parse("--eagle-depth", "3")
