@@ -10,6 +10,7 @@ from vllm.v1.attention import selector
 from vllm.v1.attention.backends import cpu_attn
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm_eagle import kv_layout
 from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
 from vllm_eagle.tree import chain, compile_tree
 from vllm_eagle.tree_attention import TreeCPUAttentionBackend, TreeCPUAttentionImpl, register_tree_attention
@@ -87,15 +88,28 @@ def _tree_row(buf, req_index, start, prefix_len):
                    parent=buf.parent, tokens=torch.zeros(n, dtype=torch.int64), ancestors=ancestors)
 
 
+def gathered(kv_cache, block_row, length, isa):
+    """gather_kv's prefix columns as [length, num_kv_heads, head_size] (the kernel writer's layout)."""
+    k, v = gather_kv(kv_cache, block_row, length, isa)
+    return k[:, :length].transpose(0, 1), v[:, :length].transpose(0, 1)
+
+
+@pytest.mark.parametrize("strided", [True, False], ids=["strided-view", "element-gather"])
 @pytest.mark.parametrize("dtype, isa", CASES)
-def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa):
+def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatch):
+    if strided:
+        assert kv_layout.page_strides(dtype, BLOCK, D, isa) is not None      # both ISAs' layouts are strided views
+    else:
+        monkeypatch.setattr(kv_layout, "page_strides", lambda *a: None)
     seqs = [_seq(n, dtype) for n in (45 + 6, 1 + 6, 30 + 4, 64)]    # mid-block, one token, block-crossing, full
     kv_cache, block_table, _ = _paged(seqs, dtype, isa)
     for r, (k, v) in enumerate(seqs):
         for length in (len(k), 1):
-            got_k, got_v = gather_kv(kv_cache, block_table[r], length, isa)
-            assert got_k.shape == (length, H_KV, D)
-            assert torch.equal(got_k, k[:length]) and torch.equal(got_v, v[:length]), (r, length)
+            got_k, got_v = gather_kv(kv_cache, block_table[r], length, isa, extra=3, dtype=torch.float32)
+            P = -(-length // BLOCK) * BLOCK
+            assert got_k.shape == got_v.shape == (H_KV, P + 3, D) and got_k.dtype == torch.float32
+            assert torch.equal(got_k[:, :length], k[:length].transpose(0, 1).float()), (r, length)
+            assert torch.equal(got_v[:, :length], v[:length].transpose(0, 1).float()), (r, length)
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)
@@ -165,7 +179,7 @@ def test_copy_kv_slots_moves_whole_tokens(dtype, isa):
     k0[dst], v0[dst] = seqs[0][0][src], seqs[0][1][src]
     k0[L + 5], v0[L + 5], k1[7], v1[7] = seqs[1][0][7], seqs[1][1][7], seqs[0][0][L + 5], seqs[0][1][L + 5]
     for r, (k, v) in enumerate([(k0, v0), (k1, v1)]):
-        got_k, got_v = gather_kv(kv_cache, block_table[r], len(k), isa)
+        got_k, got_v = gathered(kv_cache, block_table[r], len(k), isa)
         assert torch.equal(got_k, k) and torch.equal(got_v, v), r
     want, _, _ = _paged([(k0, v0), (k1, v1)], dtype, isa, block_table)   # the expected tokens, written afresh
     assert torch.equal(kv_cache, want)

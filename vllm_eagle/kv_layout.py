@@ -65,17 +65,84 @@ def _slot_index(kv_cache: torch.Tensor, slots: torch.Tensor, isa: str) -> tuple[
     return (slots // block_size)[:, None, None], heads[None, :, None], per_offset[slots % block_size][:, None, :]
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
-              isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one request's first `length` tokens, each [length, num_kv_heads, head_size] (copies).
+def _radix(seq: list[int]) -> list[tuple[int, int]] | None:
+    """Mixed-radix digits (size, stride), least significant first, such that seq[i] - seq[0] = sum of digit_j(i) *
+    stride_j; None if seq has no such form. E.g. bf16 `amx` K offsets (block 32, dim 0): [0, 2, 4, .., 30, 1024, 1026,
+    ..] -> [(16, 2), (2, 1024)]: offsets come in runs of 16, two elements apart, runs 1024 apart."""
+    n, digits, unit = len(seq), [], 1
+    while unit < n:
+        stride, size = seq[unit] - seq[0], 1
+        while unit * size < n and seq[unit * size] - seq[0] == size * stride:
+            size += 1
+        if n % (unit * size):
+            return None
+        digits.append((size, stride))
+        unit *= size
+    return digits
+
+
+def _value(i: int, digits: list[tuple[int, int]]) -> int:
+    out = 0
+    for size, stride in digits:
+        out, i = out + (i % size) * stride, i // size
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def page_strides(dtype: torch.dtype, block_size: int, head_size: int, isa: str):
+    """The page layout as strided views, if it is one: per K and V, (base, sizes, strides) with the block offset's
+    digits then the dim's digits, most significant first; None if some layout is not a plain mixed-radix map.
+    E.g. fp32 `vec` K (transposed): base 0, sizes [block_size, head_size], strides [1, block_size]; bf16 `amx` K
+    (block 32, head 64): sizes [2, 16, 32, 2], strides [1024, 2, 32, 1] (offset = 16 o_hi + o_lo, dim = 2 d_hi + d_lo)."""
+    out = []
+    for m in kv_position_map(dtype, block_size, head_size, isa).tolist():          # [block_size][head_size]
+        o_digits, d_digits = _radix([row[0] for row in m]), _radix(m[0])
+        if o_digits is None or d_digits is None:
+            return None
+        base = m[0][0]
+        if any(m[o][d] != base + _value(o, o_digits) + _value(d, d_digits)
+               for o in range(block_size) for d in range(head_size)):
+            return None
+        digits = o_digits[::-1] + d_digits[::-1]
+        out.append((base, [sz for sz, _ in digits], [st for _, st in digits]))
+    return out
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int, isa: str, extra: int = 0,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one request's first `length` tokens, laid out for attention, in whole blocks.
 
     kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; block_table_row: [max_blocks] int32.
-    E.g. block_size 32, row [5, 2, ...]: token 40 lives at slot 2 * 32 + 8 = 72."""
+    -> k, v [num_kv_heads, P + extra, head_size] in `dtype` (default: the cache's), P = length rounded up to whole
+       blocks: columns < length hold the tokens, length..P-1 the rest of the last block (padding: mask it out),
+       P.. are left uninitialised for the caller. E.g. block_size 32, row [5, 2, ...], length 40, extra 3: P = 64,
+       columns 0..31 from block 5, 32..39 from block 2, 40..63 padding, 64..66 the caller's.
+    Fast path: K and V are strided views of the cache ([num_blocks, heads, offset digits.., dim digits..]), so one
+    copy of the request's pages and one permuting, converting copy lay them out; otherwise an element-wise gather
+    through the position map."""
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
-    token = torch.arange(length, device=kv_cache.device)
-    slots = block_table_row[token // block_size].long() * block_size + token % block_size
-    kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]  # [length, heads, 2 * hs]
-    return kv[..., : two_hs // 2], kv[..., two_hs // 2:]
+    hs, nb = two_hs // 2, -(-length // block_size)
+    P = nb * block_size
+    k_out, v_out = (torch.empty(num_kv_heads, P + extra, hs, dtype=dtype or kv_cache.dtype) for _ in range(2))
+    layout = page_strides(kv_cache.dtype, block_size, hs, isa)
+    if layout is None or kv_cache.stride(3) != 1 or kv_cache.stride(2) != two_hs:
+        token = torch.arange(length, device=kv_cache.device)
+        slots = block_table_row[token // block_size].long() * block_size + token % block_size
+        kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]  # [length, heads, 2 * hs]
+        k_out[:, :length] = kv[..., :hs].transpose(0, 1)
+        v_out[:, :length] = kv[..., hs:].transpose(0, 1)
+        return k_out, v_out
+    blocks = block_table_row[:nb].long()
+    same = k_out.dtype == kv_cache.dtype
+    for out, (base, sizes, strides) in zip((k_out, v_out), layout):
+        pages = kv_cache.as_strided([num_blocks, num_kv_heads, *sizes], [*kv_cache.stride()[:2], *strides],
+                                    kv_cache.storage_offset() + base)[blocks]          # [nb, heads, *digits]
+        # permute in the cache's dtype, then convert contiguously (a converting permute is several times slower)
+        dst = out[:, :P] if same else torch.empty(num_kv_heads, P, hs, dtype=kv_cache.dtype)
+        dst.view(num_kv_heads, nb, *sizes).copy_(pages.transpose(0, 1))
+        if not same:
+            out[:, :P] = dst
+    return k_out, v_out
 
 
 def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, isa: str) -> None:

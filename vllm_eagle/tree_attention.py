@@ -2,8 +2,8 @@
 
 vLLM's CPU kernel only knows causal masks, under which tree node i would see every node before it in BFS order,
 siblings included. So after the kernel has run, each TreeRow's rows are recomputed with torch SDPA in fp32 over the
-request's prefix (gathered from the paged cache, kv_layout.py) plus the tree's own K/V (this step's `key`/`value`),
-masked by row.ancestors. Cost: one extra attention over prefix + tree for tree requests only; chains and other
+request's prefix (gathered from the paged cache in whole blocks, kv_layout.py) plus the tree's own K/V (this step's
+`key`/`value`), masked by row.ancestors. Cost: one extra attention over prefix + tree for tree requests only; chains and other
 requests keep the kernel's output untouched. See verify.py for the layout of a tree step.
 """
 from __future__ import annotations
@@ -44,11 +44,16 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         out = output.view(-1, self.num_heads, self.head_size)
         for row in tree.rows:
             s, n, L = row.start, row.num_nodes, row.prefix_len
-            # E.g. L = 45, n = 6: keys are prefix slots 0..44 (cache) then tree nodes 0..5 (this step's key rows s..s+5)
-            prefix_k, prefix_v = gather_kv(kv_cache, attn_metadata.block_table[row.req_index], L, layer.isa)
-            k = torch.cat([prefix_k, key[s:s + n]]).float().transpose(0, 1)     # [num_kv_heads, L + n, head_size]
-            v = torch.cat([prefix_v, value[s:s + n]]).float().transpose(0, 1)   # [num_kv_heads, L + n, head_size]
-            mask = torch.cat([row.ancestors.new_ones(n, L), row.ancestors], 1)  # [n, L + n] bool, True = attend
+            # E.g. L = 45, n = 6, block 32: columns 0..44 prefix (cache), 45..63 padding, 64..69 tree nodes 0..5 (this
+            # step's key rows s..s+5)
+            k, v = gather_kv(kv_cache, attn_metadata.block_table[row.req_index], L, layer.isa, extra=n,
+                             dtype=torch.float32)                               # [num_kv_heads, P + n, head_size]
+            P = k.shape[1] - n
+            k[:, P:] = key[s:s + n].transpose(0, 1)
+            v[:, P:] = value[s:s + n].transpose(0, 1)
+            mask = row.ancestors.new_zeros(n, P + n)                            # [n, P + n] bool, True = attend
+            mask[:, :L] = True
+            mask[:, P:] = row.ancestors
             o = F.scaled_dot_product_attention(query[s:s + n].float().transpose(0, 1), k, v, attn_mask=mask,
                                                scale=self.scale, enable_gqa=True)  # [num_heads, n, head_size]
             out[s:s + n] = o.transpose(0, 1).to(out.dtype)
