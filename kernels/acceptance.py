@@ -40,7 +40,7 @@ if HAS_TRITON:
                     ok = tok == want
                 else:
                     s += tl.where(live, tl.load(probs_ptr + (b * N + cur).to(tl.int64) * V + tok), 0.0)
-                    ok = u <= s
+                    ok = u < s
                 hit = tl.where(live & ok, c, hit)
                 c = tl.where(live, tl.load(next_sibling_ptr + b * N + cs), -1)
             found = hit >= 0

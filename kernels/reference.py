@@ -38,7 +38,8 @@ def tree_accept(cand: torch.Tensor, first_child: torch.Tensor, next_sibling: tor
     target_argmax  [B, N] int64  greedy rows: accept the child whose token is the target's argmax after the node
     target_probs   [B, N, V] f32 sampled rows: processed target distribution after each node (None if all greedy)
     uniform        [B, N] f32    sampled rows: one coin per node; child c is accepted at the first sibling where
-                                 u <= sum of p(token) over siblings so far (point-mass drafts, EAGLE-2 Case B)
+                                 u < sum of p(token) over siblings so far (point-mass drafts, EAGLE-2 Case B;
+                                 strict, so a zero-probability child is never accepted)
     is_greedy      [B] bool
     -> accepted_nodes [B, max_depth + 1] int32 (root first, then the accepted path; -1 padded),
        num_accepted [B] int32 (accepted drafts, root excluded)
@@ -56,7 +57,7 @@ def tree_accept(cand: torch.Tensor, first_child: torch.Tensor, next_sibling: tor
                     ok = int(cand[b, c]) == int(target_argmax[b, cur])
                 else:
                     s += float(target_probs[b, cur, cand[b, c]])
-                    ok = float(uniform[b, cur]) <= s
+                    ok = float(uniform[b, cur]) < s
                 if ok:
                     hit = c
                 c = int(next_sibling[b, c])

@@ -17,7 +17,7 @@ def feature_batch(req_ids, features, query_start, start_pos, num_committed, draf
     """A FeatureBatch of greedy rows, no aux features, K = 3."""
     return FeatureBatch(req_ids=req_ids, features=features, aux_features=None, query_start=np.array(query_start),
                         start_pos=np.array(start_pos), num_committed=np.array(num_committed),
-                        drafting=np.array(drafting), greedy=np.ones(len(req_ids), dtype=bool), token_ids=token_ids,
+                        drafting=np.array(drafting), tree_ok=np.ones(len(req_ids), dtype=bool), token_ids=token_ids,
                         finished_req_ids=set(finished), num_drafts=3)
 
 

@@ -91,3 +91,17 @@ def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
         "num_speculative_tokens"] == 5
     with pytest.raises(ValueError, match="apply to --eagle-tree dynamic only"):
         parse("--eagle-depth", "3")
+
+
+def test_top_k_on_an_empty_spec_batch_upstream_bug_and_our_fix():
+    """P4: vLLM-CPU's top-k path raises on zero target rows; the patched apply_sampling_constraints passes them."""
+    import pytest
+    import vllm_eagle
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_only
+    with pytest.raises(RuntimeError):
+        apply_top_k_only(torch.zeros(0, 7), torch.zeros(0, dtype=torch.int64))     # the bug (remove P4 when it passes)
+    vllm_eagle.register()
+    assert rejection_sampler.apply_sampling_constraints.__name__ == "_apply_sampling_constraints"
+    out = rejection_sampler.apply_sampling_constraints(torch.zeros(0, 7), torch.zeros(1, dtype=torch.int32), None)
+    assert out.shape == (0, 7)

@@ -35,7 +35,7 @@ def test_random_head_tree_lossless(tiny, tiny_random_head, shape):
 
 @shapes
 def test_tree_with_chunked_prefill_and_sampled_rows(oracle, shape):
-    """Long prompts in chunks next to tree rows; a sampled request in the same batch drafts a chain."""
+    """Long prompts in chunks next to tree rows; a sampled request in the same batch is verified as a tree too."""
     from conftest import close, make_llm
     target, head = oracle
     long = " ".join(["for i in range(10): print(i)"] * 30)
@@ -65,3 +65,31 @@ def test_bad_tree_is_rejected():
 def test_bad_dynamic_options_are_rejected(tiny_random_head, kw, msg):
     with pytest.raises(EagleOptionError, match=msg):
         vllm_eagle.speculative_kwargs(tiny_random_head, **kw)
+
+
+@shapes
+def test_sampled_trees_reproduce_with_a_seed(oracle, shape):
+    """T > 0 with top-k / top-p on tree rows (lossless tree sampling): a seed fixes the output; acceptance happens."""
+    target, head = oracle
+    prompts = ["def main(", "import os", "class Foo:"]
+    sps = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    from conftest import close, make_llm, spec_counters
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, **SHAPES[shape]))
+    runs = [[list(o.outputs[0].token_ids) for o in llm.generate(prompts, sps, use_tqdm=False)] for _ in range(2)]
+    k = SamplingParams(temperature=1.0, top_k=5, max_tokens=24, ignore_eos=True, seed=9)
+    topk = [list(llm.generate(prompts[:1], k, use_tqdm=False)[0].outputs[0].token_ids) for _ in range(2)]
+    c = spec_counters(llm)
+    close(llm)
+    assert runs[0] == runs[1] and topk[0] == topk[1]
+    assert all(len(r) == 24 for r in runs[0])
+    assert c["accepted_tokens_per_pos"][1] > 0, c           # sampled tree paths deeper than one node were accepted
+
+
+def test_requests_with_penalties_fall_back_to_chains_losslessly(oracle):
+    """Repetition penalty (and other logits processors) act in vLLM's sampler: such rows draft chains, still exact."""
+    target, head = oracle
+    prompts = ["def main(", "import os"]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3)
+    want, _ = generate_ids(target, prompts, sp)
+    got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, tree=TREE))
+    assert got == want and c["drafts"] > 0

@@ -1,10 +1,21 @@
-"""Accept stage for trees: walk each tree from the root along the target's greedy choices (kernels.tree_accept) and
-emit the accepted drafts plus the bonus token, left-aligned in vLLM's sampler output.
+"""Accept stage for trees: walk each tree from the root (kernels.tree_accept) and emit the accepted drafts plus one
+final token, left-aligned in vLLM's sampler output.
 
-Vocabulary: the *accepted* nodes form a path root -> a_1 -> ... -> a_m; the *bonus* token is the target's choice after
-a_m. Logits row j of a request (within its num_drafts + 1 sampled rows) is the target distribution after node j.
-E.g. parents [-1, 0, 0, 1], tokens [_, 5, 6, 7], target argmax per node [6, 9, 7, 4]: root -> node 2 (token 6),
-node 2's argmax 7 has no child there, so path [0, 2], output [6, 7].
+Vocabulary: the *accepted* nodes form a path root -> a_1 -> ... -> a_m. The final token is the *bonus* token (the
+target's choice after a_m) when a_m is a leaf, or the *recovered* token when every child of a_m was rejected.
+Logits row j of a request (within its num_drafts + 1 sampled rows) is the target distribution after node j.
+
+Greedy rows accept the child whose token is the target's argmax; the final token is the argmax after a_m.
+Sampled rows (lossless multi-candidate verification with point-mass drafts: each child's token is a deterministic
+top-k draft, so its proposal probability is 1): at node u with target distribution p (temperature, top-k, top-p applied
+exactly as vLLM's sampler does), try the children in rank order: accept child x with probability p(x) / (mass left),
+else remove x from p and renormalise. One coin U per node does this: child k is accepted iff
+S_{k-1} <= U < S_k with S_k = p(x_1) + .. + p(x_k). If no child is accepted, the recovered token is sampled from p
+with every child's token removed; at a leaf the bonus token is sampled from p. Each emitted token is then distributed
+exactly as p: P(x_k) = p(x_k), P(other y) = (1 - S) * p(y) / (1 - S) = p(y).
+
+E.g. (greedy) parents [-1, 0, 0, 1], tokens [_, 5, 6, 7], target argmax per node [6, 9, 7, 4]: root -> node 2
+(token 6), node 2's argmax 7 has no child there, so path [0, 2], output [6, 7].
 """
 from __future__ import annotations
 
@@ -15,31 +26,94 @@ from kernels import tree_accept
 from .verify import TreeStep
 
 
-def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Tensor, sampled: torch.Tensor) -> dict:
-    """Greedy tree acceptance for the rows of `step`, written into `sampled` in place.
+def child_tables(parents: list[torch.Tensor], N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """parents[b] [n_b] int (-1 at the root) -> first_child, next_sibling [B, N] int32 (-1 = none), siblings in
+    ascending node order (= ascending rank)."""
+    first_child = torch.full((len(parents), N), -1, dtype=torch.int32)
+    next_sibling = torch.full((len(parents), N), -1, dtype=torch.int32)
+    for b, parent in enumerate(parents):
+        for i in range(parent.shape[0] - 1, 0, -1):         # reversed: siblings in ascending rank
+            p = int(parent[i])
+            next_sibling[b, i] = first_child[b, p]
+            first_child[b, p] = i
+    return first_child, next_sibling
+
+
+def accept_and_emit(cand: torch.Tensor, first_child: torch.Tensor, next_sibling: torch.Tensor,
+                    target_argmax: torch.Tensor, target_probs: torch.Tensor | None, uniform: torch.Tensor,
+                    is_greedy: torch.Tensor, generators: list[torch.Generator | None]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole accept stage on tensors (see the module docstring).
+
+    cand [B, N] int64, first_child / next_sibling [B, N] int32, target_argmax [B, N] int64, target_probs [B, N, V]
+    float32 (None if every row is greedy), uniform [B, N] float32 in [0, 1), is_greedy [B] bool, generators [B]
+    (per-request RNG for the final token; None = torch's default).
+    -> path [B, N] int32 (root first, -1 padded), num_accepted [B] int32, final [B] int64 (bonus or recovered).
+    """
+    B, N = cand.shape
+    path, num_accepted = tree_accept(cand, first_child, next_sibling, target_argmax, target_probs, uniform,
+                                     is_greedy, N - 1)
+    last = path[torch.arange(B), num_accepted.long()].long()                                # [B] node a_m
+    final = target_argmax[torch.arange(B), last].clone()
+    rows = torch.nonzero(~is_greedy).flatten()                                              # [R] sampled rows
+    if len(rows):
+        p = target_probs[rows, last[rows]].clone()                                          # [R, V]
+        c = first_child[rows, last[rows]].long()                                            # [R] children of a_m
+        while bool((c >= 0).any()):                         # all of them were rejected: remove their tokens
+            live = c >= 0
+            p[live.nonzero().flatten(), cand[rows[live], c[live]]] = 0.0
+            c = torch.where(live, next_sibling[rows, c.clamp(min=0)].long(), c)
+        empty = ~(p.sum(-1) > 0)                            # rounding left no mass outside the children
+        p[empty] = target_probs[rows[empty], last[rows[empty]]]
+        seeded = [i for i, b in enumerate(rows.tolist()) if generators[b] is not None]
+        final[rows] = torch.multinomial(p, 1)[:, 0]         # unseeded rows: torch's default generator
+        for i in seeded:                                    # seeded rows: their own generator, for reproducibility
+            final[rows[i]] = torch.multinomial(p[i], 1, generator=generators[int(rows[i])])[0]
+    return path, num_accepted, final
+
+
+def target_probs_for(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """[n, V] raw target logits of one request's nodes -> [n, V] float32 probabilities, processed as vLLM's sampler
+    does (temperature, then top-k / top-p through vLLM's own apply_top_k_top_p)."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    n = logits.shape[0]
+    x = logits.float() / temperature
+    k = None if top_k is None else torch.full((n,), top_k, dtype=torch.int64)
+    p = None if top_p is None else torch.full((n,), top_p, dtype=torch.float32)
+    return apply_top_k_top_p(x, k, p).softmax(dim=-1)
+
+
+def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Tensor, sampled: torch.Tensor,
+                 sampling: dict[int, tuple[float, int | None, float | None, torch.Generator | None]]) -> dict:
+    """Tree acceptance for the rows of `step`, written into `sampled` in place.
 
     logits         [num_sampled_rows, V] target logits of every scheduled spec position (+ bonus rows)
     cu_num_sampled [num_reqs] inclusive cumulative sampled rows per request
     sampled        [num_reqs, max_spec_len + 1] int32 vLLM sampler output (-1 padded); tree rows are overwritten
+    sampling       {req_index: (temperature, top_k, top_p, generator)} for sampled rows; absent = greedy
     -> {req_id: accepted path [0, a_1, ..., a_m]} for KV commit and the next step's features
     """
     B, N = len(step.rows), max(r.num_nodes for r in step.rows)
+    V = logits.shape[1]
     cand = torch.zeros(B, N, dtype=torch.int64)
-    first_child = torch.full((B, N), -1, dtype=torch.int32)
-    next_sibling = torch.full((B, N), -1, dtype=torch.int32)
     argmax = torch.zeros(B, N, dtype=torch.int64)
+    is_greedy = torch.tensor([r.req_index not in sampling for r in step.rows])
+    probs = None if bool(is_greedy.all()) else torch.zeros(B, N, V)
+    uniform = torch.zeros(B, N)
+    generators = []
     for b, row in enumerate(step.rows):
         n1 = row.num_nodes
         cand[b, :n1] = row.tokens
-        for i in range(n1 - 1, 0, -1):                      # reversed: siblings in ascending rank
-            p = int(row.parent[i])
-            next_sibling[b, i] = first_child[b, p]
-            first_child[b, p] = i
         end = int(cu_num_sampled[row.req_index])
         argmax[b, :n1] = logits[end - n1:end].argmax(dim=-1)
-    max_depth = N - 1
-    path, num_accepted = tree_accept(cand, first_child, next_sibling, argmax, None, torch.zeros(B, N),
-                                     torch.ones(B, dtype=torch.bool), max_depth)
+        temperature, top_k, top_p, gen = sampling.get(row.req_index, (0.0, None, None, None))
+        generators.append(gen)
+        if not is_greedy[b]:
+            probs[b, :n1] = target_probs_for(logits[end - n1:end], temperature, top_k, top_p)
+            uniform[b, :n1] = torch.rand(n1, generator=gen, dtype=torch.float64).float()
+    first_child, next_sibling = child_tables([row.parent for row in step.rows], N)
+    path, num_accepted, final = accept_and_emit(cand, first_child, next_sibling, argmax, probs, uniform, is_greedy,
+                                                generators)
     paths = {}
     for b, row in enumerate(step.rows):
         m = int(num_accepted[b])
@@ -47,6 +121,6 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
         out = sampled[row.req_index]
         out.fill_(-1)
         out[:m] = cand[b, nodes[1:]].to(out.dtype)
-        out[m] = argmax[b, nodes[-1]].to(out.dtype)       # bonus: the target's choice after the last accepted node
+        out[m] = final[b].to(out.dtype)
         paths[row.req_id] = nodes
     return paths

@@ -30,13 +30,25 @@ class FeatureBatch:
     start_pos: np.ndarray             # [num_reqs] int: position of each row's first scheduled token
     num_committed: np.ndarray         # [num_reqs] int: leading scheduled tokens that are now committed
     drafting: np.ndarray              # [num_reqs] bool: rows that sampled a token this step
-    greedy: np.ndarray                # [num_reqs] bool: rows decoding greedily (trees are drafted only for these)
+    tree_ok: np.ndarray               # [num_reqs] bool: rows tree acceptance verifies exactly (tree_verifiable);
+                                      # the others draft chains for vLLM's rejection sampler
     token_ids: np.ndarray             # [max_num_reqs, max_model_len] int: committed tokens incl. this step's
     finished_req_ids: set[str]
     num_drafts: int                   # K for this step
     tree_paths: dict[int, np.ndarray] = field(default_factory=dict)
     # rows verified as trees: {row: accepted path [0, a_1, .., a_m]}; committed entry j of such a row takes feature
     # row query_start[r] + a_j (its KV was moved to slot L + j), instead of query_start[r] + j
+
+
+def tree_verifiable(sp) -> bool:
+    """Whether tree acceptance reproduces this request's sampling exactly: greedy or temperature/top-k/top-p (+ seed).
+    Penalties, logit bias, min-p, min-tokens, bad words, allowed tokens, structured output, logprobs and custom
+    logits processors act on the target's logits in vLLM's sampler and rejection sampler only, so such requests
+    draft a chain and are verified there (lossless, just without trees)."""
+    return (sp is not None and sp.presence_penalty == 0 and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
+            and sp.min_p == 0 and not sp.logit_bias and sp.min_tokens == 0 and not sp.bad_words
+            and sp.allowed_token_ids is None and sp.logprobs is None and sp.structured_outputs is None
+            and not getattr(sp, "logits_processors", None))
 
 
 def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[list[int]],
@@ -58,5 +70,6 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
     return FeatureBatch(
         req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
-        greedy=np.array([rid in batch.greedy_reqs for rid in batch.req_ids[:n]], dtype=bool),
+        tree_ok=np.array([tree_verifiable(runner.requests[rid].sampling_params) for rid in batch.req_ids[:n]],
+                         dtype=bool),
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)

@@ -25,6 +25,12 @@ P3  CpuPlatform.register_triton_kernel_overrides (vllm/platforms/cpu.py) -> expa
             (`expand_kernel_impl` below) for "vllm.v1.sample.rejection_sampler.expand_kernel" through vLLM's own
             `register_kernels` dispatcher.
     Remove: when `_expand_kernel_impl` writes back into non-int64 outputs upstream.
+P4  rejection_sampler.apply_sampling_constraints (vllm/v1/sample/rejection_sampler.py)
+    Why:    on CPU (no Triton) top-k goes through apply_top_k_only, whose `k.max()` raises on an empty batch. A step
+            whose spec requests were all cut to zero drafts (e.g. near max_tokens) still runs the rejection sampler
+            with zero target rows, so any speculative method (ngram too) crashes the engine on a top-k request.
+    What:   wraps the module function so zero target rows return the (empty) logits unchanged.
+    Remove: when apply_top_k_only handles empty inputs upstream (tests/test_patches.py checks the upstream raise).
 
 Contact points (no patching, but private vLLM API our subclasses rely on; tests/test_patches.py pins their shapes)
 ------------------------------------------------------------------------------------------------------------------
@@ -126,3 +132,13 @@ def apply() -> None:
             register_kernels({EXPAND_KERNEL: expand_kernel_impl})
 
     CpuPlatform.register_triton_kernel_overrides = classmethod(_register_overrides)
+
+    from vllm.v1.sample import rejection_sampler             # P4
+    constraints = rejection_sampler.apply_sampling_constraints
+
+    def _apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        if logits.shape[0] == 0:
+            return logits
+        return constraints(logits, cu_num_draft_tokens, sampling_metadata)
+
+    rejection_sampler.apply_sampling_constraints = _apply_sampling_constraints

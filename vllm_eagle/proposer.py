@@ -108,8 +108,8 @@ class EagleProposer:
             self.stats.draft_s += time.perf_counter() - t0
 
     def shapes(self, num_drafts: int) -> tuple[TreeBuffers, TreeBuffers]:
-        """(tree for greedy rows, chain for sampled rows) within this step's K; sampled rows draft a chain of the
-        tree's depth, verified by vLLM's rejection sampler (lossless sampling with trees is not built yet)."""
+        """(tree for tree_ok rows, chain for the others) within this step's K; the chain has the tree's depth and is
+        verified by vLLM's rejection sampler."""
         if self.dynamic:                                 # the tree is grown per request in _propose_step
             n = min(num_drafts, self.options.num_speculative_tokens)
             return None, _chain(min(n, self.options.depth))
@@ -132,7 +132,7 @@ class EagleProposer:
         if self.tree is None and not self.dynamic:
             groups = [(tree, fits)]
         else:
-            groups = [(tree, fits & fb.greedy), (chain, fits & ~fb.greedy)]
+            groups = [(tree, fits & fb.tree_ok), (chain, fits & ~fb.tree_ok)]
         for shape, selected in groups:
             rows = np.nonzero(selected)[0]
             if len(rows) == 0:

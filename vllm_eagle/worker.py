@@ -53,8 +53,19 @@ class EagleCPUModelRunner(CPUModelRunner):
         self._accepted_paths = {}
         if self._tree_step is not None:
             self._accepted_paths = accept_trees(self._tree_step, logits.float(),
-                                                spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids)
+                                                spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids,
+                                                self._tree_sampling())
             commit_accepted_kv(self, self._tree_step, self._accepted_paths)
+        return out
+
+    def _tree_sampling(self) -> dict:
+        """{req_index: (temperature, top_k, top_p, generator)} of the sampled tree rows (greedy rows are absent)."""
+        batch, out = self.input_batch, {}
+        for row in self._tree_step.rows:
+            i, rid = row.req_index, row.req_id
+            if rid not in batch.greedy_reqs:
+                out[i] = (float(batch.temperature_cpu[i]), int(batch.top_k_cpu[i]) if rid in batch.top_k_reqs else None,
+                          float(batch.top_p_cpu[i]) if rid in batch.top_p_reqs else None, batch.generators.get(i))
         return out
 
     def load_model(self, *args, **kwargs) -> None:
