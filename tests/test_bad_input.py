@@ -52,6 +52,19 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
         make_llm(tiny, vllm_eagle.speculative_kwargs(head))
 
 
+def test_prefix_caching_is_refused_at_start(tiny, tiny_random_head):
+    spec = {**vllm_eagle.speculative_kwargs(tiny_random_head), "enable_prefix_caching": True}
+    with pytest.raises(Exception, match="needs prefix caching off.*--no-enable-prefix-caching"):
+        make_llm(tiny, spec)
+
+
+def test_unknown_plugin_option_is_refused(tiny, tiny_random_head):
+    spec = vllm_eagle.speculative_kwargs(tiny_random_head)
+    spec["additional_config"]["vllm_eagle"]["treee"] = "dynamic"
+    with pytest.raises(Exception, match=r"unknown vllm_eagle option\(s\) \['treee'\]"):
+        make_llm(tiny, spec)
+
+
 def test_serve_cli_rejects_missing_head(tiny):
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny, "--port", "1",
                         "--speculative-model", "/no/such/head"], capture_output=True, text=True, timeout=180)

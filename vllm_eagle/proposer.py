@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DYNAMIC, WORKER_CLASS, EagleOptions
+from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
 from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
 from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
 from .draft_kv import DraftKVCache
@@ -43,6 +43,10 @@ class EagleProposer:
     def __init__(self, vllm_config):
         self.vllm_config = vllm_config
         self.options = EagleOptions.from_vllm_config(vllm_config)
+        if vllm_config.cache_config.enable_prefix_caching:
+            raise EagleOptionError("vllm-eagle speculation needs prefix caching off (the head's KV of a cached prefix "
+                                   "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
+                                   "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
         self.max_model_len = vllm_config.model_config.max_model_len
         self.dtype = vllm_config.model_config.dtype
         self.head: EagleHead | None = None
