@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
 from ._triton import HAS_TRITON, tl, triton, use_triton
 
 if HAS_TRITON:
@@ -39,6 +38,23 @@ if HAS_TRITON:
         tl.store(mask_ptr + (b * N + i) * N + cols, row, mask=cols < N)
 
 
+def build_tree_masks_cpu(parent: torch.Tensor, num_nodes: torch.Tensor):
+    """The CPU path (same contract as kernels.reference.build_tree_masks), vectorised over the batch: since
+    parent[i] < i, node i's mask row is its parent's row plus itself, one [B, N] step per node.
+    E.g. parent [-1, 0, 0, 1]: rows 0: [1,0,0,0], 1: row 0 + bit 1 = [1,1,0,0], 2: [1,0,1,0], 3: row 1 + bit 3."""
+    B, N = parent.shape
+    mask = torch.zeros(B, N, N, dtype=torch.bool)
+    batch = torch.arange(B)
+    p = parent.long()
+    for i in range(N):
+        row = mask[batch, p[:, i].clamp(min=0)] & (p[:, i] >= 0)[:, None]                 # [B, N] parent's row
+        row[:, i] = True
+        mask[:, i] = row & (i < num_nodes)[:, None]
+    depth = (mask.sum(-1) - 1).clamp(min=0).to(torch.int32)
+    anc = (mask.long() << torch.arange(N)).sum(-1)       # bit 63 wraps to the sign bit, as the reference's int64
+    return depth, anc, mask
+
+
 def build_tree_masks(parent: torch.Tensor, num_nodes: torch.Tensor):
     """See kernels.reference.build_tree_masks (same contract)."""
     assert parent.ndim == 2 and parent.dtype == torch.int32 and parent.is_contiguous(), parent.dtype
@@ -46,7 +62,7 @@ def build_tree_masks(parent: torch.Tensor, num_nodes: torch.Tensor):
     B, N = parent.shape
     assert N <= 64, "ancestor bitsets hold 64 nodes"
     if not use_triton(parent, num_nodes):
-        return reference.build_tree_masks(parent, num_nodes)
+        return build_tree_masks_cpu(parent, num_nodes)
     depth = torch.empty(B, N, dtype=torch.int32, device=parent.device)
     anc = torch.empty(B, N, dtype=torch.int64, device=parent.device)
     mask = torch.empty(B, N, N, dtype=torch.int8, device=parent.device)

@@ -33,3 +33,10 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     assert all(r["tau"] > 2.0 for r in ours)                               # the oracle head is accepted
     assert all(r["draft_cost_c"] > 0 and r["verify_cost_v"] > 0 for r in ours)
     assert len(rows) == len(data["rows"])
+
+
+def test_kernel_microbenchmarks_run_on_the_shared_references():
+    from benchmarks.kernels import main as kernels_main
+    rows = kernels_main(["--reps", "1"])
+    assert {r["kernel"] for r in rows} == {"build_tree_masks", "tree_accept", "gather_kv"}
+    assert all(r["reference_us"] > 0 and r["wrapper_us"] > 0 for r in rows)

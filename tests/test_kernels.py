@@ -46,6 +46,15 @@ def test_build_tree_masks_kernel_matches_reference(B, N):
         assert torch.equal(g, w), f"{name} differs (B={B}, N={N}):\n{g}\nvs\n{w}"
 
 
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (5, 26), (2, 64), (7, 13)])
+def test_build_tree_masks_cpu_path_matches_reference(B, N):
+    """The vectorised CPU path the engine runs on this machine."""
+    parent, num = random_trees(B, N, seed=B * 100 + N + 1)
+    for g, w, name in zip(tree_mask.build_tree_masks_cpu(parent, num), reference.build_tree_masks(parent, num),
+                          ("depth", "ancestors", "mask")):
+        assert torch.equal(g, w), f"{name} differs (B={B}, N={N})"
+
+
 def test_masks_of_compiled_tree_and_chain():
     t = compile_tree("[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]")
     depth, anc, mask = tree_mask.build_tree_masks(t.parent[None].contiguous(), torch.tensor([6], dtype=torch.int32))

@@ -1,0 +1,95 @@
+"""Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, and the
+paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced).
+
+    python -m benchmarks.kernels [--reps 50]
+
+On this CPU the wrappers run the references (vLLM's CPU backend has no Triton), so wrapper == reference there; on a
+CUDA device the wrappers launch the Triton kernels. Prints a markdown table (median microseconds per call).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e6
+
+
+def random_trees(B: int, N: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """parent [B, N] int32 with parent[i] < i, num_nodes [B] int32 (odd sizes: padding in most rows)."""
+    parent = torch.full((B, N), -1, dtype=torch.int32)
+    for i in range(1, N):
+        parent[:, i] = torch.randint(0, i, (B,), generator=g, dtype=torch.int32)
+    return parent, torch.randint(1, N + 1, (B,), generator=g, dtype=torch.int32)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=50)
+    a = p.parse_args(argv)
+    import kernels
+    from kernels import reference
+    from vllm_eagle.acceptance import child_tables
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B, N in ((1, 9), (8, 9), (32, 26), (64, 61)):
+        parent, n = random_trees(B, N, g)
+        rows.append({"kernel": "build_tree_masks", "shape": f"B={B} N={N}",
+                     "reference_us": timed(lambda: reference.build_tree_masks(parent, n), a.reps),
+                     "wrapper_us": timed(lambda: kernels.build_tree_masks(parent.to(device), n.to(device)), a.reps)})
+        V = 1000
+        fc, ns = child_tables([parent[b, : int(n[b])] for b in range(B)], N)
+        cand = torch.randint(0, V, (B, N), generator=g)
+        argmax = torch.randint(0, V, (B, N), generator=g)
+        probs = torch.rand(B, N, V, generator=g).softmax(-1)
+        u = torch.rand(B, N, generator=g)
+        greedy = torch.arange(B) % 2 == 0
+        args = (cand, fc, ns, argmax, probs, u, greedy, N - 1)
+        rows.append({"kernel": "tree_accept", "shape": f"B={B} N={N} V={V}",
+                     "reference_us": timed(lambda: reference.tree_accept(*args), a.reps),
+                     "wrapper_us": timed(lambda: kernels.tree_accept(*[x.to(device) if torch.is_tensor(x) else x
+                                                                       for x in args]), a.reps)})
+    rows += gather_rows(a.reps)
+    print(f"device: {device}; median of {a.reps} calls, microseconds\n")
+    print("| kernel | shape | reference / element gather (us) | wrapper / strided (us) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['shape']} | {r['reference_us']:.0f} | {r['wrapper_us']:.0f} |")
+    return rows
+
+
+def gather_rows(reps: int) -> list[dict]:
+    """The tree-attention prefix gather: SmolLM2's per-layer cache shape (3 KV heads, head 64), 300 prefix tokens."""
+    from vllm.platforms import current_platform
+    from vllm_eagle import kv_layout
+    current_platform.import_kernels()
+    rows = []
+    for dtype, isa in ((torch.bfloat16, "amx"), (torch.float32, "vec")):
+        for bs in (32, 128):
+            kv = torch.randn(200, 3, bs, 128).to(dtype)
+            table = torch.randperm(200)[:40].int()
+            fast = lambda: kv_layout.gather_kv(kv, table, 300, isa, extra=9, dtype=torch.float32)   # noqa: E731
+            strided = timed(fast, reps)
+            layout = kv_layout.page_strides
+            kv_layout.page_strides = lambda *a: None                  # force the element-wise fallback
+            try:
+                element = timed(fast, reps)
+            finally:
+                kv_layout.page_strides = layout
+            rows.append({"kernel": "gather_kv", "shape": f"{dtype} {isa} block {bs}, L=300",
+                         "reference_us": element, "wrapper_us": strided})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
