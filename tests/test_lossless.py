@@ -9,13 +9,9 @@ from vllm_eagle.assets import chat_prompts, mtbench_questions
 GREEDY = SamplingParams(temperature=0, max_tokens=64)
 
 
-ONE_AT_A_TIME = 4      # batch-1 decoding on the first 4 prompts; all 16 decode together (continuous batching)
-
-
 def generate(llm, prompts, one_at_a_time: bool) -> list[list[int]]:
     if one_at_a_time:
-        return [list(llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids)
-                for p in prompts[:ONE_AT_A_TIME]]
+        return [list(llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
@@ -46,7 +42,7 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
                                                           target=smollm2))
     for one_at_a_time in (True, False):
         got = generate(llm, mtbench_prompts, one_at_a_time)
-        assert len(got) == len(vanilla[one_at_a_time]) == (ONE_AT_A_TIME if one_at_a_time else 16)
+        assert len(got) == len(vanilla[one_at_a_time]) == 16
         for i, (a, b) in enumerate(zip(got, vanilla[one_at_a_time])):
             assert a == b, f"prompt {i} (batch-1={one_at_a_time}, K={k}) diverges at token " \
                            f"{next(j for j, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)}"
