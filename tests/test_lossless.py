@@ -31,6 +31,7 @@ def vanilla(smollm2, mtbench_prompts):
 
 
 TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]"
+TAU: dict = {}                                             # (K, tree) -> tau on the shipped head
 
 
 @pytest.mark.parametrize("k,tree", [(1, "chain"), (3, "chain"), (5, "chain"), (8, TREE), (8, "dynamic")])
@@ -51,8 +52,11 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
     assert c["drafts"] > 0 and c["draft_tokens"] == k * c["drafts"]
     assert c["accepted_tokens"] > 0, c                     # the trained head is accepted on the real model
     assert len(c["accepted_tokens_per_pos"]) == k
+    TAU[(k, tree)] = 1 + c["accepted_tokens"] / c["drafts"]
     if tree != "chain":
         assert c["accepted_tokens_per_pos"][1] > 0        # paths deeper than one node were accepted
+        if (3, "chain") in TAU:                            # (runs after the chains when the module runs whole)
+            assert TAU[(k, tree)] > TAU[(3, "chain")], TAU   # the tree's extra candidates are accepted
 
 
 def test_oracle_pair_lossless_with_high_acceptance(oracle):

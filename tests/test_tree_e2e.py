@@ -1,6 +1,7 @@
 """Static and EAGLE-2 dynamic draft trees verified in one target pass inside vLLM: greedy output identical to vanilla (fp32), with trees,
 chains (sampled rows) and prefills mixed in one continuously batched engine."""
 import pytest
+import torch
 from conftest import generate_ids
 from vllm import SamplingParams
 
@@ -93,3 +94,44 @@ def test_requests_with_penalties_fall_back_to_chains_losslessly(oracle):
     want, _ = generate_ids(target, prompts, sp)
     got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(head, tree=TREE))
     assert got == want and c["drafts"] > 0
+
+
+def _committed_kv(worker) -> tuple[int, list[torch.Tensor]]:
+    """Runs in the worker: (L, per layer K and V [heads, L, head_size]) of the only running request's committed
+    tokens, read from the paged cache."""
+    from vllm_eagle.kv_layout import gather_kv
+    runner = worker.model_runner
+    batch = runner.input_batch
+    L = int(batch.num_computed_tokens_cpu[0])
+    row = batch.block_table[0].block_table.cpu[0]
+    out = []
+    for name in runner.kv_cache_config.kv_cache_groups[0].layer_names:
+        layer = runner.compilation_config.static_forward_context[name]
+        k, v = gather_kv(layer.kv_cache, row, L, layer.isa)
+        out += [k[:, :L].clone(), v[:, :L].clone()]
+    return L, out
+
+
+@shapes
+def test_committed_kv_equals_vanilla(oracle, shape):
+    """KV compaction: after tree steps, the paged cache holds at every committed position what vanilla decoding
+    stores there (fp32; the accepted nodes' K/V were moved from their tree slots)."""
+    from conftest import close, make_llm
+    target, head = oracle
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    snaps = {}
+    for name, spec in (("vanilla", None), ("ours", vllm_eagle.speculative_kwargs(head, **SHAPES[shape]))):
+        llm = make_llm(target, spec)
+        engine = llm.llm_engine
+        engine.add_request("r", "def main(", sp)
+        produced = 0
+        while produced < 25:                                      # outputs are cumulative
+            produced = max([produced] + [len(o.outputs[0].token_ids) for o in engine.step()])
+        snaps[name] = llm.collective_rpc(_committed_kv)[0]
+        c = spec and __import__("conftest").spec_counters(llm)
+        close(llm)
+    (lv, want), (lo, got) = snaps["vanilla"], snaps["ours"]
+    L = min(lv, lo)
+    assert L >= 20 and c["accepted_tokens_per_pos"][1] > 0       # several tree steps with deep accepted paths
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g[:, :L], w[:, :L], rtol=1e-5, atol=1e-5)
