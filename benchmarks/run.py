@@ -269,6 +269,17 @@ def plots(rows: list[Row], stem: str) -> list[str]:
     return paths
 
 
+def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row], srows: list) -> str:
+    """Write STEM.json (raw rows) and STEM.md (the table); returns the markdown."""
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "command": cmd, "target": target, "head": head,
+                   "rows": [asdict(r) for r in rows], "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
+    md = markdown(rows, env, cmd) + (serve_markdown(srows) if srows else "")
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -301,6 +312,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     need = max(max(a.batch_sizes) * a.prompts_per_batch, 4)
     wls = workloads(AutoTokenizer.from_pretrained(target), a.workloads, need)
     rows, raw = [], {}
+    env = environment()
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
+    cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
     for cfg in configs(head, a.ks, a.configs, a.trees, dynamic):
         print(f"[bench] {cfg.name}", flush=True)
@@ -323,23 +338,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
                           + (f", tau {row.tau:.2f}" if row.tau else ""), flush=True)
         llm.llm_engine.engine_core.shutdown()
         del llm
-    fill_cost_model(rows, raw)
-    env = environment()
-    os.makedirs(a.out, exist_ok=True)
+        fill_cost_model(rows, raw)
+        save(stem, env, cmd, target, head, rows, [])         # partial results survive an interrupted run
     srows = []
     if a.serve_concurrency:
         from transformers import AutoTokenizer as _Tok
         from vllm_eagle.assets import chat_prompts, mtbench_questions
         sprompts = chat_prompts(_Tok.from_pretrained(target), [q["turns"][0] for q in mtbench_questions()])
         srows = serve_rows(target, head, a.ks[0], a.serve_concurrency, sprompts, a.max_tokens, a.dtype, a.out)
-    stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
-    cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "command": cmd, "target": target, "head": head,
-                   "rows": [asdict(r) for r in rows], "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
-    md = markdown(rows, env, cmd) + (serve_markdown(srows) if srows else "")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
+    md = save(stem, env, cmd, target, head, rows, srows)
     pngs = plots(rows, stem)
     print(md)
     print(f"[bench] wrote {stem}.json, {stem}.md, " + ", ".join(pngs))
