@@ -43,6 +43,7 @@ class Row:
     draft_cost_c: float | None = None
     verify_cost_v: float | None = None
     step_ms: float | None = None
+    stage_ms: dict | None = None    # ours: ms per step in draft, mask, tree_attention, accept, kv_commit
 
 
 @dataclass
@@ -134,6 +135,8 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
         st = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0]
         out["step_ms"] = 1000 * wall / max(1, st["steps"])
         out["draft_ms"] = 1000 * st["draft_s"] / max(1, st["steps"])
+        out["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 3)
+                           for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
     elif cfg.name == "vanilla":
         out["step_ms"] = 1000 * wall / (reps * len(chunks) * max_tokens)
     return out
@@ -220,14 +223,16 @@ def fill_cost_model(rows: list[Row], raw: dict) -> None:
 
 
 def markdown(rows: list[Row], env: dict, cmd: str) -> str:
-    head = ("| workload | T | bs | config | tok/s | speedup | τ | per-position acceptance | c | v(K) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| workload | T | bs | config | tok/s | speedup | τ | per-position acceptance | c | v(K) | step ms | "
+            "ours: draft / mask / tree attn / accept / KV commit ms per step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda x, f: "–" if x is None else format(x, f)
     body = "".join(
         f"| {r.workload} | {r.temperature:g} | {r.batch_size} | {r.config} | {r.tokens_per_s:.1f} | "
         f"{fmt(r.speedup, '.2f')}× | {fmt(r.tau, '.2f')} | "
         f"{', '.join(f'{p:.2f}' for p in r.per_position_acceptance) if r.per_position_acceptance else '–'} | "
-        f"{fmt(r.draft_cost_c, '.3f')} | {fmt(r.verify_cost_v, '.2f')} |\n" for r in rows)
+        f"{fmt(r.draft_cost_c, '.3f')} | {fmt(r.verify_cost_v, '.2f')} | {fmt(r.step_ms, '.1f')} | "
+        f"{' / '.join(f'{v:.1f}' for v in r.stage_ms.values()) if r.stage_ms else '–'} |\n" for r in rows)
     return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
             f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
             "tok/s = median of the timed repetitions; speedup vs vanilla in the same run.\n\n" + head + body)
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     row = Row(cfg.name, wl, temp, bs, n, a.max_tokens, round(m["tokens_per_s"], 2),
                               m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),
                               per_position_acceptance=m.get("per_position_acceptance"),
-                              step_ms=m.get("step_ms") and round(m["step_ms"], 2))
+                              step_ms=m.get("step_ms") and round(m["step_ms"], 2), stage_ms=m.get("stage_ms"))
                     raw[id(row)] = m
                     rows.append(row)
                     print(f"[bench]   {wl} T={temp:g} bs={bs}: {row.tokens_per_s:.1f} tok/s"

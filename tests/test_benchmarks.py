@@ -32,6 +32,10 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     ours = [r for r in data["rows"] if r["config"].startswith("ours")]
     assert all(r["tau"] > 2.0 for r in ours)                               # the oracle head is accepted
     assert all(r["draft_cost_c"] > 0 and r["verify_cost_v"] > 0 for r in ours)
+    for r in ours:                                           # per-stage cost of our own code
+        assert set(r["stage_ms"]) == {"draft", "mask", "tree_attention", "accept", "kv_commit"}
+        trees = "tree" in r["config"] or "dynamic" in r["config"]
+        assert r["stage_ms"]["draft"] > 0 and (r["stage_ms"]["accept"] > 0) == trees, r
     assert len(rows) == len(data["rows"])
 
 

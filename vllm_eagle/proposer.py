@@ -37,6 +37,10 @@ class ProposerStats:
     """Counters for the cost model (read by benchmarks through the worker's `eagle_stats` RPC)."""
     steps: int = 0              # propose_step calls (one per engine step)
     draft_s: float = 0.0        # wall time inside propose_step: commit + draft stages
+    mask_s: float = 0.0         # tree steps: laying out trees and building masks (verify.build_tree_step)
+    tree_attention_s: float = 0.0   # tree rows' masked attention over the paged KV, all layers
+    accept_s: float = 0.0       # tree acceptance + final tokens (acceptance.accept_trees)
+    kv_commit_s: float = 0.0    # moving accepted nodes' KV (kv_commit.commit_accepted_kv)
 
 
 class EagleProposer:

@@ -8,6 +8,8 @@ requests keep the kernel's output untouched. See verify.py for the layout of a t
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(*args)
         self._check_tree_supported()
         super().forward(*args)                  # every row, tree rows causally: overwritten below
+        t0 = time.perf_counter()
         out = output.view(-1, self.num_heads, self.head_size)
         for row in tree.rows:
             s, n, L = row.start, row.num_nodes, row.prefix_len
@@ -57,6 +60,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             o = F.scaled_dot_product_attention(query[s:s + n].float().transpose(0, 1), k, v, attn_mask=mask,
                                                scale=self.scale, enable_gqa=True)  # [num_heads, n, head_size]
             out[s:s + n] = o.transpose(0, 1).to(out.dtype)
+        tree.attention_s += time.perf_counter() - t0
         return output
 
     def _check_tree_supported(self) -> None:

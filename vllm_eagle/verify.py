@@ -34,6 +34,7 @@ class TreeStep:
     """The trees of one step (attached to the attention metadata as `.tree`)."""
     rows: list[TreeRow]
     pos_delta: torch.Tensor     # [num_scheduled_tokens] int64: slot offset minus depth of each query row (0 off-tree)
+    attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers)
 
 
 def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec: dict, trees: dict,

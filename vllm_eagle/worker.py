@@ -6,6 +6,8 @@ custom_class branch would otherwise drop, and optionally turns on intermediate-l
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -32,13 +34,14 @@ class EagleCPUModelRunner(CPUModelRunner):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._tree_step = None
         if self._ours() and self.drafter.drafted_trees:
-            n = self.input_batch.num_reqs
+            n, t0 = self.input_batch.num_reqs, time.perf_counter()
             self._tree_step = build_tree_step(
                 self.input_batch.req_ids[:n], self.query_start_loc.np[: n + 1],
                 self.input_batch.num_computed_tokens_cpu[:n], scheduler_output.scheduled_spec_decode_tokens,
                 self.drafter.drafted_trees, scheduler_output.total_num_scheduled_tokens)
             if self._tree_step is not None:                    # slots stay L+i; RoPE positions become L+depth(i)
                 self.positions[: scheduler_output.total_num_scheduled_tokens] -= self._tree_step.pos_delta
+            self.drafter.stats.mask_s += time.perf_counter() - t0
         return out
 
     def _build_attention_metadata(self, *args, **kwargs):
@@ -52,10 +55,15 @@ class EagleCPUModelRunner(CPUModelRunner):
         out = super()._sample(logits, spec_decode_metadata)     # chains: vLLM's rejection sampler, bit for bit
         self._accepted_paths = {}
         if self._tree_step is not None:
+            stats, t0 = self.drafter.stats, time.perf_counter()
             self._accepted_paths = accept_trees(self._tree_step, logits.float(),
                                                 spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids,
                                                 self._tree_sampling())
+            t1 = time.perf_counter()
             commit_accepted_kv(self, self._tree_step, self._accepted_paths)
+            stats.accept_s += t1 - t0
+            stats.kv_commit_s += time.perf_counter() - t1
+            stats.tree_attention_s += self._tree_step.attention_s
         return out
 
     def _tree_sampling(self) -> dict:
