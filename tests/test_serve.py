@@ -47,17 +47,29 @@ def test_serve_speculative_model_matches_vanilla(smollm2, smollm2_head, vanilla_
     assert "vllm_eagle.proposer.EagleProposer" in open(tmp_path / "ours.log").read()
 
 
-def test_serve_speculative_config_form(smollm2, smollm2_head, vanilla_answers, tmp_path):
-    """vLLM's own flags (--speculative-config + --additional-config + --worker-cls) reach the same proposer."""
+def test_serve_speculative_config_form_with_dynamic_trees(smollm2, smollm2_head, vanilla_answers, tmp_path):
+    """vLLM's own flags (--speculative-config + --additional-config + --worker-cls) reach the same proposer, here with
+    EAGLE-2 dynamic trees: greedy identical to vanilla, seeded sampling through trees reproducible, a bad request
+    answered with a 4xx while the server stays up."""
+    import urllib.error
+
     import vllm_eagle
-    kw = vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=2)
+    kw = vllm_eagle.speculative_kwargs(smollm2_head, tree="dynamic", depth=3, top_k=3, total_tokens=6)
     srv = Server(smollm2, *ARGS, "--speculative-config", json.dumps(kw["speculative_config"]),
                  "--additional-config", json.dumps(kw["additional_config"]), "--worker-cls", kw["worker_cls"],
                  "--no-enable-prefix-caching", log=str(tmp_path / "ours.log"))
     try:
         ours = run_requests(srv.url, smollm2)
+        sampled = {"model": smollm2, "prompt": PROMPT, "max_tokens": 32, "temperature": 0.9, "top_p": 0.95, "seed": 4}
+        texts = [post(srv.url + "/v1/completions", sampled)["choices"][0]["text"] for _ in range(2)]
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post(srv.url + "/v1/completions", {"model": smollm2, "prompt": PROMPT, "max_tokens": -3})
+        after_bad = run_requests(srv.url, smollm2)
         metrics = spec_metrics(srv.url)
     finally:
         srv.stop()
-    assert ours == vanilla_answers
-    assert metrics["draft_tokens"] == 2 * metrics["drafts"] > 0
+    assert ours == vanilla_answers == after_bad
+    assert texts[0] == texts[1] and texts[0]
+    assert 400 <= bad.value.code < 500
+    assert metrics["draft_tokens"] == 6 * metrics["drafts"] > 0
+    assert metrics["accepted_tokens"] > 0, metrics
