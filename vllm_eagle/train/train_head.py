@@ -53,7 +53,7 @@ class TrainConfig:
 PRESETS = {
     # The shipped SmolLM2 head (continued from a 700-step teacher-forced run with --init; see its model card).
     "smollm2-135m": TrainConfig(num_conversations=1500, num_distill=1500, max_len=384, batch_tokens=2048,
-                                steps=1200, cls_fraction=0.5),
+                                steps=900, cls_fraction=0.5),
     "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
                         draft_vocab_size=256,
                         rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
