@@ -21,6 +21,20 @@ def feature_batch(req_ids, features, query_start, start_pos, num_committed, draf
                         finished_req_ids=set(finished), num_drafts=3)
 
 
+def two_prefills(lens: dict, dtype: torch.dtype):
+    """Two full prefills in one FeatureBatch: request r commits positions 0..lens[r]-1 ->
+    (tokens {r: [lens[r] + 1]}, features {r: [lens[r], H]}, the batch)."""
+    seqs = {r: torch.randint(0, 37, (n + 1,)) for r, n in lens.items()}
+    feats = {r: torch.randn(n, 48, dtype=dtype) for r, n in lens.items()}
+    token_ids = np.zeros((2, 16), dtype=np.int64)
+    for i, r in enumerate(lens):
+        token_ids[i, : len(seqs[r])] = seqs[r].numpy()
+    n = list(lens.values())
+    fb = feature_batch(list(lens), torch.cat(list(feats.values())), [0, n[0], n[0] + n[1]], [0, 0], n, [True, True],
+                       token_ids)
+    return seqs, feats, fb
+
+
 def reference_feature(head, embed_w, entry_f, entry_t):
     """Entries (entry_f[i] [H], entry_t[i]) at positions 0..n-1 -> the last entry's predicted feature [H], by causal
     attention over the whole sequence."""
@@ -102,14 +116,7 @@ def test_tree_matches_per_branch_reference():
     embed_w, lm_w = torch.randn(37, 48), torch.randn(37, 48)
     tree = compile_tree("[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]")
     # Two full prefills of different lengths: u commits positions 0..10, w 0..3.
-    lens = {"u": 11, "w": 4}
-    seqs = {r: torch.randint(0, 37, (n + 1,)) for r, n in lens.items()}
-    feats = {r: torch.randn(n, 48) for r, n in lens.items()}
-    token_ids = np.zeros((2, 16), dtype=np.int64)
-    for i, r in enumerate(lens):
-        token_ids[i, : len(seqs[r])] = seqs[r].numpy()
-    fb = feature_batch(["u", "w"], torch.cat([feats["u"], feats["w"]]), [0, 11, 15], [0, 0], [11, 4], [True, True],
-                       token_ids)
+    seqs, feats, fb = two_prefills({"u": 11, "w": 4}, torch.float32)
     kv = DraftKVCache(CFG.num_kv_heads, CFG.head_dim, torch.float32)
     with torch.no_grad():
         x, last = commit_entries(head, kv, fb, lambda t: embed_w[t])
@@ -145,14 +152,7 @@ def test_dynamic_tree_matches_brute_force_eagle2():
         for proj in (head.q_proj, head.k_proj, head.v_proj, head.o_proj):
             proj.weight.mul_(4)
     embed_w, lm_w = torch.randn(37, 48, dtype=torch.float64), torch.randn(37, 48, dtype=torch.float64)
-    lens = {"u": 9, "w": 5}
-    seqs = {r: torch.randint(0, 37, (n + 1,)) for r, n in lens.items()}
-    feats = {r: torch.randn(n, 48, dtype=torch.float64) for r, n in lens.items()}
-    token_ids = np.zeros((2, 16), dtype=np.int64)
-    for i, r in enumerate(lens):
-        token_ids[i, : len(seqs[r])] = seqs[r].numpy()
-    fb = feature_batch(["u", "w"], torch.cat([feats["u"], feats["w"]]), [0, 9, 14], [0, 0], [9, 5], [True, True],
-                       token_ids)
+    seqs, feats, fb = two_prefills({"u": 9, "w": 5}, torch.float64)
     kv = DraftKVCache(CFG.num_kv_heads, CFG.head_dim, torch.float64)
     trees = set()
     with torch.no_grad():
