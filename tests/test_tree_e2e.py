@@ -62,6 +62,7 @@ def test_bad_tree_is_rejected():
     (dict(tree="dynamic", top_k=99), "top_k=99 is over 16"),
     (dict(tree="dynamic", depth=2, top_k=2, total_tokens=7), "total_tokens=7 exceeds what depth=2, top_k=2 can draft"),
     (dict(tree="chain", total_tokens=5), "total_tokens is an option of tree='dynamic'"),
+    (dict(tree="dynamic", total_tokens=0), "num_speculative_tokens must be a positive integer"),
 ])
 def test_bad_dynamic_options_are_rejected(tiny_random_head, kw, msg):
     with pytest.raises(EagleOptionError, match=msg):

@@ -105,7 +105,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     KV keeps being committed so speculation resumes when load drops).
     """
     if tree == DYNAMIC:
-        num_speculative_tokens = total_tokens or num_speculative_tokens or DYNAMIC_DEFAULTS["total_tokens"]
+        num_speculative_tokens = next((k for k in (total_tokens, num_speculative_tokens) if k is not None),
+                                      DYNAMIC_DEFAULTS["total_tokens"])
     elif total_tokens is not None:
         raise EagleOptionError("total_tokens is an option of tree='dynamic'; chains and static trees take "
                                "num_speculative_tokens / their path tuples")
@@ -115,7 +116,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             num_speculative_tokens = compile_tree(tree).num_nodes - 1
         except TreeSpecError as e:
             raise EagleOptionError(f"tree: {e}") from None
-    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=num_speculative_tokens or 3, tree=tree,
+    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=3 if num_speculative_tokens is None else num_speculative_tokens,
+                        tree=tree,
                         depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
     try:
         validate_against_target(opts.head, target)
