@@ -23,6 +23,7 @@ import torch
 
 from kernels import tree_accept
 
+from .tree import child_links
 from .verify import TreeStep
 
 
@@ -32,10 +33,9 @@ def child_tables(parents: list[torch.Tensor], N: int) -> tuple[torch.Tensor, tor
     first_child = torch.full((len(parents), N), -1, dtype=torch.int32)
     next_sibling = torch.full((len(parents), N), -1, dtype=torch.int32)
     for b, parent in enumerate(parents):
-        for i in range(parent.shape[0] - 1, 0, -1):         # reversed: siblings in ascending rank
-            p = int(parent[i])
-            next_sibling[b, i] = first_child[b, p]
-            first_child[b, p] = i
+        fc, ns = child_links(parent.tolist())
+        first_child[b, : len(fc)] = torch.tensor(fc, dtype=torch.int32)
+        next_sibling[b, : len(ns)] = torch.tensor(ns, dtype=torch.int32)
     return first_child, next_sibling
 
 

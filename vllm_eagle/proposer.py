@@ -84,22 +84,25 @@ class EagleProposer:
             return None, weight[: self.vocab_size]
         return ids, weight[ids].contiguous()
 
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """predicted features [M, H] -> logits [M, D] over the draft vocabulary (D = its size, or the vocabulary)"""
+        if self.draft_lm_head is None:
+            return self.target.compute_logits(hidden)[:, : self.vocab_size]
+        return hidden @ self.draft_lm_head.T
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """indices into the draft vocabulary -> token ids (same shape)"""
+        return index if self.draft_vocab is None else self.draft_vocab[index]
+
     def topk_tokens(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """predicted features [M, H] -> the k most likely draft token ids [M, k], best first"""
-        if self.draft_lm_head is None:
-            return self.target.compute_logits(hidden)[:, : self.vocab_size].topk(k, dim=-1).indices
-        best = (hidden @ self.draft_lm_head.T).topk(k, dim=-1).indices
-        return best if self.draft_vocab is None else self.draft_vocab[best]
+        return self.token_ids(self.draft_logits(hidden).topk(k, dim=-1).indices)
 
     def topk_logprobs(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """predicted features [M, H] -> (draft log-probs [M, k], token ids [M, k]), best first: the draft confidences
         EAGLE-2 grows its tree by (normalised over the draft vocabulary)."""
-        if self.draft_lm_head is None:
-            logits = self.target.compute_logits(hidden)[:, : self.vocab_size]
-        else:
-            logits = hidden @ self.draft_lm_head.T
-        lp, best = logits.float().log_softmax(-1).topk(k, dim=-1)
-        return lp, (best if self.draft_vocab is None else self.draft_vocab[best])
+        lp, best = self.draft_logits(hidden).float().log_softmax(-1).topk(k, dim=-1)
+        return lp, self.token_ids(best)
 
     def propose(self, *args, **kwargs):
         raise RuntimeError(f"vllm_eagle's proposer needs target features, which only its worker provides: start the "

@@ -62,6 +62,16 @@ def parse_paths(spec: str | list) -> list[tuple[int, ...]]:
     return paths
 
 
+def child_links(parent: list[int]) -> tuple[list[int], list[int]]:
+    """parent (-1 at the root, parent[i] < i) -> (first_child, next_sibling), -1 = none; siblings in ascending node
+    order, which is ascending rank. E.g. [-1, 0, 0, 1] -> first_child [1, 3, -1, -1], next_sibling [-1, 2, -1, -1]."""
+    first_child, next_sibling = [-1] * len(parent), [-1] * len(parent)
+    for i in range(len(parent) - 1, 0, -1):                # reversed, so siblings end up in ascending rank
+        next_sibling[i] = first_child[parent[i]]
+        first_child[parent[i]] = i
+    return first_child, next_sibling
+
+
 def compile_tree(spec: str | list) -> TreeBuffers:
     paths = parse_paths(spec)
     if len(set(paths)) != len(paths):
@@ -80,10 +90,7 @@ def compile_tree(spec: str | list) -> TreeBuffers:
     ancestors = [1]
     for i in range(1, n):
         ancestors.append(ancestors[parent[i]] | (1 << i))
-    first_child, next_sibling = [-1] * n, [-1] * n
-    for i in range(n - 1, 0, -1):                          # reversed, so siblings end up in ascending rank
-        next_sibling[i] = first_child[parent[i]]
-        first_child[parent[i]] = i
+    first_child, next_sibling = child_links(parent)
     leaves = [i for i in range(n) if first_child[i] == -1]
     D = max(len(p) for p in order)
     retrieve = torch.full((len(leaves), D + 1), -1, dtype=torch.int32)
