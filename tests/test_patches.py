@@ -105,3 +105,15 @@ def test_top_k_on_an_empty_spec_batch_upstream_bug_and_our_fix():
     assert rejection_sampler.apply_sampling_constraints.__name__ == "_apply_sampling_constraints"
     out = rejection_sampler.apply_sampling_constraints(torch.zeros(0, 7), torch.zeros(1, dtype=torch.int32), None)
     assert out.shape == (0, 7)
+
+
+def test_tree_sampling_contact_points_exist():
+    """C4: the sampling state tree acceptance reads is still where it expects it."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    src = inspect.getsource(InputBatch.__init__)
+    for name in ("greedy_reqs", "top_k_reqs", "top_p_reqs", "temperature_cpu", "top_k_cpu", "top_p_cpu",
+                 "generators"):
+        assert f"self.{name}" in src, name
+    assert "sampling_params" in CachedRequestState.__dataclass_fields__
+    assert list(inspect.signature(apply_top_k_top_p).parameters) == ["logits", "k", "p"]

@@ -40,6 +40,10 @@ C2  CPUAttentionBackendImpl.forward, subclassed by tree_attention.TreeCPUAttenti
     the official register_backend, plus selector._cached_get_attn_backend.cache_clear() so layers built later see it.
 C3  input_batch.block_table[g].slot_mapping, static_forward_context[layer].kv_cache / .isa (kv_commit.py), and the
     CPU KV page layout probed through ops.cpu_attn_reshape_and_cache (kv_layout.py).
+C4  Tree sampling reads the runner's per-request sampling state: runner.requests[req_id].sampling_params
+    (features.tree_verifiable), input_batch.greedy_reqs / top_k_reqs / top_p_reqs / temperature_cpu / top_k_cpu /
+    top_p_cpu / generators (worker._tree_sampling), and processes target logits with
+    vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p (acceptance.target_probs_for).
 """
 from __future__ import annotations
 
