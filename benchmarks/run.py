@@ -288,7 +288,8 @@ def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row]
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="MT-Bench only, greedy, bs 1 and 8, 128 tokens, K=3, one batch per size (~20 min here)")
+                   help="smoke check (< 10 min here): MT-Bench, greedy, bs 1 (2 prompts) and 8, 64 tokens, K=3, "
+                        "no static tree")
     p.add_argument("--target")
     p.add_argument("--head")
     p.add_argument("--workloads", nargs="+", default=["mtbench", "humaneval", "sharegpt"])
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--dynamic", nargs="*", default=["4,4,8"], metavar="DEPTH,TOP_K,TOTAL",
                    help="EAGLE-2 dynamic trees for ours")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, 4)")
+    p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, --min-prompts)")
+    p.add_argument("--min-prompts", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=RESULTS)
@@ -308,13 +310,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="vllm serve runs at these concurrencies (MT-Bench prompts, first K); none to skip")
     a = p.parse_args(argv)
     if a.quick:
-        a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 128
-        a.serve_concurrency, a.prompts_per_batch = [], 1
+        a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 64
+        a.serve_concurrency, a.prompts_per_batch, a.min_prompts, a.trees = [], 1, 2, []
     import vllm_eagle
     from transformers import AutoTokenizer
     from vllm import LLM
     target, head = a.target or vllm_eagle.default_target(), a.head or vllm_eagle.default_head()
-    need = max(max(a.batch_sizes) * a.prompts_per_batch, 4)
+    need = max(max(a.batch_sizes) * a.prompts_per_batch, a.min_prompts)
     wls = workloads(AutoTokenizer.from_pretrained(target), a.workloads, need)
     rows, raw = [], {}
     env = environment()
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for wl, prompts in wls.items():
             for temp in a.temperatures:
                 for bs in a.batch_sizes:
-                    n = max(bs * a.prompts_per_batch, 4)
+                    n = max(bs * a.prompts_per_batch, a.min_prompts)
                     m = measure(llm, cfg, prompts[:n], bs, temp, a.max_tokens, a.reps)
                     row = Row(cfg.name, wl, temp, bs, n, a.max_tokens, round(m["tokens_per_s"], 2),
                               m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),

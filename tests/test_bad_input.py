@@ -78,3 +78,58 @@ def test_serve_cli_rejects_two_spec_flags(tiny, tiny_random_head):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
     assert "mutually exclusive" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture
+def head_copy(tmp_path, tiny_random_head):
+    import shutil
+    d = tmp_path / "head"
+    shutil.copytree(tiny_random_head, d)
+    return d
+
+
+def test_truncated_head_weights_fail_at_load_and_engine_start(tiny, head_copy):
+    from vllm_eagle.draft_head import EagleHead, HeadConfigError
+    w = head_copy / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(HeadConfigError, match="model.safetensors' cannot be read .*truncated or corrupt"):
+        EagleHead.from_pretrained(str(head_copy))
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        make_llm(tiny, vllm_eagle.speculative_kwargs(str(head_copy)))
+
+
+def test_wrong_shape_weight_is_named(head_copy):
+    from safetensors.torch import load_file, save_file
+    from vllm_eagle.draft_head import EagleHead, HeadConfigError
+    state = load_file(head_copy / "model.safetensors")
+    state["fc.weight"] = state["fc.weight"][:, :128].contiguous()          # [H, H] instead of [H, 2H]
+    save_file(state, head_copy / "model.safetensors")
+    with pytest.raises(HeadConfigError, match=r"fc.weight has shape \(128, 128\), expected \(128, 256\)"):
+        EagleHead.from_pretrained(str(head_copy))
+
+
+@pytest.mark.parametrize("config,msg", [("{not json", "config.json is not valid JSON"),
+                                        ('{"hidden_size": 128}', r"lacks \['intermediate_size'")])
+def test_corrupt_head_config(tiny, head_copy, config, msg):
+    (head_copy / "config.json").write_text(config)
+    with pytest.raises(EagleOptionError, match=msg):
+        vllm_eagle.speculative_kwargs(str(head_copy), target=tiny)
+
+
+def test_absurd_k(tiny_random_head):
+    with pytest.raises(EagleOptionError, match="num_speculative_tokens=100000 is over 63"):
+        vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=100_000)
+
+
+@pytest.mark.parametrize("tree,msg", [
+    ("[(0,), (0, 0, 0)]", r"\(0, 0, 0\) has no parent \(0, 0\)"),
+    ("[(0,), (2,)]", r"\(2,\) skips rank 1"),
+    ("[(0,), (1,), (0,)]", r"duplicate paths: \[\(0,\)\]"),
+    (str([(0,) * d for d in range(1, 65)]), "64 nodes; at most 63"),
+    ("[(0,), (-1,)]", "non-negative ranks"),
+    ("[(0,), ()]", "non-empty tuple"),
+    ("root -> a -> root", "not a list of path tuples"),
+])
+def test_invalid_trees(tiny_random_head, tree, msg):
+    with pytest.raises(EagleOptionError, match=msg):
+        vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)

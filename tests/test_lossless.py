@@ -40,7 +40,7 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
     on a real model)."""
     assert len(mtbench_prompts) == 16
     llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, tree=tree,
-                                                          target=smollm2))
+                                                          target=smollm2, adaptive=False))   # every step drafts
     for one_at_a_time in (True, False):
         got = generate(llm, mtbench_prompts, one_at_a_time)
         assert len(got) == len(vanilla[one_at_a_time]) == 16

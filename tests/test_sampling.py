@@ -129,3 +129,53 @@ def test_the_chi_square_check_catches_draft_softmax_as_q():
     rest[x] = 0
     out = torch.where(accept, x, torch.multinomial(rest / rest.sum(), S, replacement=True, generator=g))
     assert chi2_passes(torch.bincount(out, minlength=V).float(), p)
+
+
+def two_sample_chi2_passes(a: list[int], b: list[int]) -> tuple[bool, float, float]:
+    """Two samples of equal size from one distribution? Pearson chi-square of the 2 x C table (cells with fewer than
+    10 observations in both samples together pooled into one) against the 1e-6 critical value. -> (passes, stat,
+    critical)."""
+    from collections import Counter
+    ca, cb = Counter(a), Counter(b)
+    assert len(a) == len(b)
+    cells, rare = [], [0, 0]
+    for t in set(ca) | set(cb):
+        if ca[t] + cb[t] >= 10:
+            cells.append((ca[t], cb[t]))
+        else:
+            rare[0] += ca[t]
+            rare[1] += cb[t]
+    if sum(rare):
+        cells.append(tuple(rare))
+    stat = sum((x - y) ** 2 / (x + y) for x, y in cells)        # equal sizes: sum (a - b)^2 / (a + b)
+    crit = chi2_critical(len(cells) - 1)
+    return stat < crit, stat, crit
+
+
+def test_smollm2_sampled_token_frequencies_match_vanilla(smollm2, smollm2_head):
+    """End to end on SmolLM2 (bf16, T=1, top-p 0.95): 1,200 requests with distinct seeds, vanilla vs EAGLE-2 dynamic
+    trees. The 2nd and 3rd emitted tokens (the first ones that go through tree acceptance; the 1st comes from the
+    prefill) must have the same distribution in both engines: two-sample chi-square at a false-failure probability of
+    1e-6 per check (the unit tests above show the check's power against the classic bug)."""
+    from conftest import close, make_llm, spec_counters
+    from vllm import SamplingParams
+
+    import vllm_eagle
+    n = 1200
+    prompts = ["Once upon a time, in a small village,"] * n
+    params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=6, seed=s, ignore_eos=True) for s in range(n)]
+
+    def run(spec):
+        llm = make_llm(smollm2, spec, dtype="bfloat16", max_num_seqs=128)
+        out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        c = spec_counters(llm)
+        close(llm)
+        return out, c
+
+    vanilla, _ = run(None)
+    ours, c = run(vllm_eagle.speculative_kwargs(smollm2_head, tree="dynamic", depth=3, top_k=3,
+                                                total_tokens=6, adaptive=False))
+    assert c["accepted_tokens"] > 0.2 * c["drafts"], c           # tree acceptance really decided these tokens
+    for pos in (1, 2):
+        ok, stat, crit = two_sample_chi2_passes([o[pos] for o in vanilla], [o[pos] for o in ours])
+        assert ok, f"token {pos}: chi-square {stat:.1f} >= {crit:.1f}"

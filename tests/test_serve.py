@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from benchmarks import soak
 from benchmarks.serving import Server, post, spec_metrics
 
 ARGS = ("--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0")
@@ -23,10 +24,20 @@ def run_requests(url, model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vanilla_answers(smollm2, tmp_path_factory):
+def soak_mix(smollm2):
+    """The short soak: 48 requests (mixed lengths up to the context limit, greedy / penalties / logprobs / stop
+    / sampled / n=2, ~10 % aborted mid-stream, ~5 % invalid) over 12 distinct prompts."""
+    from transformers import AutoTokenizer
+    pool = soak.prompt_pool(AutoTokenizer.from_pretrained(smollm2), 1024, 12)
+    return soak.request_mix(pool, 48, abort_frac=0.1, bad_frac=0.05, max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def vanilla_answers(smollm2, soak_mix, tmp_path_factory):
+    """(answers to run_requests, the soak's vanilla references), from one vanilla server."""
     srv = Server(smollm2, *ARGS, log=str(tmp_path_factory.mktemp("serve") / "vanilla.log"))
     try:
-        return run_requests(srv.url, smollm2)
+        return run_requests(srv.url, smollm2), soak.references(srv.url, smollm2, soak_mix[1])
     finally:
         srv.stop()
 
@@ -40,17 +51,18 @@ def test_serve_speculative_model_matches_vanilla(smollm2, smollm2_head, vanilla_
     finally:
         srv.stop()
     assert srv.proc.poll() is not None                    # stopped by its PID
-    assert ours == vanilla_answers
+    assert ours == vanilla_answers[0]
     assert ours["completion"] == ours["completion_stream"] and ours["chat"] == ours["chat_stream"]
     assert metrics["drafts"] > 0 and metrics["draft_tokens"] == 3 * metrics["drafts"]
     assert metrics["accepted_tokens"] > 0, metrics
     assert "vllm_eagle.proposer.EagleProposer" in open(tmp_path / "ours.log").read()
 
 
-def test_serve_speculative_config_form_with_dynamic_trees(smollm2, smollm2_head, vanilla_answers, tmp_path):
+def test_serve_speculative_config_form_with_dynamic_trees(smollm2, smollm2_head, vanilla_answers, soak_mix, tmp_path):
     """vLLM's own flags (--speculative-config + --additional-config + --worker-cls) reach the same proposer, here with
     EAGLE-2 dynamic trees: greedy identical to vanilla, seeded sampling through trees reproducible, a bad request
-    answered with a 4xx while the server stays up."""
+    answered with a 4xx while the server stays up; then the short soak (benchmarks/soak.py) with 16 concurrent
+    streaming clients: no failure, no stuck request, every greedy answer (and aborted prefix) equals vanilla's."""
     import urllib.error
 
     import vllm_eagle
@@ -66,10 +78,18 @@ def test_serve_speculative_config_form_with_dynamic_trees(smollm2, smollm2_head,
             post(srv.url + "/v1/completions", {"model": smollm2, "prompt": PROMPT, "max_tokens": -3})
         after_bad = run_requests(srv.url, smollm2)
         metrics = spec_metrics(srv.url)
+        report = soak.soak(srv.url, smollm2, srv.proc.pid, soak_mix[0], vanilla_answers[1], concurrency=16)
     finally:
         srv.stop()
-    assert ours == vanilla_answers == after_bad
+    assert ours == vanilla_answers[0] == after_bad
     assert texts[0] == texts[1] and texts[0]
     assert 400 <= bad.value.code < 500
     assert metrics["draft_tokens"] == 6 * metrics["drafts"] > 0
     assert metrics["accepted_tokens"] > 0, metrics
+    print(report)
+    assert not report.failed and not report.greedy_mismatched, report
+    assert report.requests == 48 and report.completed + report.aborted + report.rejected_4xx == 48
+    assert report.aborted > 0 and report.rejected_4xx > 0 and report.greedy_checked > 10
+    assert report.running_after == 0                       # aborted streams were released
+    assert report.spec["accepted_tokens"] > 0
+    assert report.rss_mb_end < 1.5 * report.rss_mb_after_warmup      # no runaway growth (the long form measures it)

@@ -31,13 +31,17 @@ class EagleOptions:
     top_k: int = DYNAMIC_DEFAULTS["top_k"]        # dynamic trees: children per expanded node, nodes expanded per depth
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
     draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
+    adaptive: bool = True                         # per step, speculate only where it measured faster (adapt.py)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
             raise EagleOptionError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}"
                                    " (e.g. --num-speculative-tokens 3)")
+        from .tree import MAX_TREE_NODES
+        if self.num_speculative_tokens > MAX_TREE_NODES - 1:
+            raise EagleOptionError(f"num_speculative_tokens={self.num_speculative_tokens} is over {MAX_TREE_NODES - 1}, "
+                                   "the most draft tokens one step verifies; useful values are 1-8")
         if self.tree == DYNAMIC:
-            from .tree import MAX_TREE_NODES
             for name, v in (("depth", self.depth), ("top_k", self.top_k)):
                 if not isinstance(v, int) or v <= 0:
                     raise EagleOptionError(f"dynamic tree {name} must be a positive integer, got {v!r}")
@@ -72,10 +76,11 @@ class EagleOptions:
         unknown = set(extra) - {f for f in cls.__dataclass_fields__ if f != "num_speculative_tokens"}
         if unknown:
             raise EagleOptionError(f"unknown {CONFIG_KEY} option(s) {sorted(unknown)}; known: head, tree, depth, top_k, "
-                                   "feature_layers, draft_vocab")
+                                   "feature_layers, draft_vocab, adaptive")
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
                    depth=extra.get("depth", DYNAMIC_DEFAULTS["depth"]), top_k=extra.get("top_k", DYNAMIC_DEFAULTS["top_k"]),
-                   feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)))
+                   feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)),
+                   adaptive=bool(extra.get("adaptive", True)))
 
 
 def validate_against_target(head: str, target: str | None) -> None:
@@ -90,7 +95,7 @@ def validate_against_target(head: str, target: str | None) -> None:
 def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tree: str = "chain", *,
                        depth: int = DYNAMIC_DEFAULTS["depth"], top_k: int = DYNAMIC_DEFAULTS["top_k"],
                        total_tokens: int | None = None, target: str | None = None,
-                       feature_layers: tuple[int, ...] = (), draft_vocab: bool = True,
+                       feature_layers: tuple[int, ...] = (), draft_vocab: bool = True, adaptive: bool = True,
                        k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
@@ -103,6 +108,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     k_by_batch_size=[(first, last, K), ...] hands vLLM's batch-size schedule (num_speculative_tokens_per_batch_size)
     the K to use per number of running requests; K=0 turns speculation off for that range (drafts stop, the head's
     KV keeps being committed so speculation resumes when load drops).
+    adaptive=True (default): per step and batch-size bucket, speculate only if steps with drafts have measured more
+    tokens per second than steps without (adapt.py); False drafts every step (fixed shape, e.g. for measuring tau).
     """
     if tree == DYNAMIC:
         num_speculative_tokens = next((k for k in (total_tokens, num_speculative_tokens) if k is not None),
@@ -118,7 +125,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             raise EagleOptionError(f"tree: {e}") from None
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=3 if num_speculative_tokens is None else num_speculative_tokens,
                         tree=tree,
-                        depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab)
+                        depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab,
+                        adaptive=adaptive)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

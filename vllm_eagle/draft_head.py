@@ -52,6 +52,10 @@ class HeadConfig:
         theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         if rope.get("rope_type", "default") not in ("default", None):
             raise HeadConfigError(f"rope_type {rope['rope_type']!r} is not supported by the EAGLE head (only default RoPE)")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in c]
+        if missing:
+            raise HeadConfigError(f"head config.json lacks {missing}: an EAGLE-1 head config is a 1-layer Llama config "
+                                  "(re-export it with `vllm-eagle train`)")
         return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
                    num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
@@ -79,8 +83,12 @@ def read_config(path: str) -> dict:
                               "model.safetensors (train one with `vllm-eagle train`, or use vllm_eagle.default_head())")
     if not os.path.isfile(cfg):
         raise HeadConfigError(f"{path!r} has no config.json: an EAGLE head folder needs config.json + model.safetensors")
-    with open(cfg) as f:
-        return json.load(f)
+    try:
+        with open(cfg) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadConfigError(f"{cfg} is not valid JSON ({e}): the head folder is corrupt; copy or export it again") \
+            from None
 
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -169,7 +177,11 @@ class EagleHead(nn.Module):
             raise HeadConfigError(f"EAGLE head folder {path!r} has no *.safetensors weights")
         state = {}
         for f in files:
-            state.update(load_file(os.path.join(path, f)))
+            try:
+                state.update(load_file(os.path.join(path, f)))
+            except Exception as e:                                  # safetensors raises its own error types
+                raise HeadConfigError(f"EAGLE head weights {os.path.join(path, f)!r} cannot be read ({e}): the file is "
+                                      "truncated or corrupt; copy or export the head again") from None
         head = cls(cfg)
         head.load_checkpoint_state(state, path)
         return head.to(dtype).eval()

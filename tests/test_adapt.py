@@ -1,0 +1,54 @@
+"""Load adaptivity (adapt.py): the gate measures both arms per batch-size bucket, then keeps the faster one and
+explores the other every explore_every-th decision; in the engine it stops a useless head from drafting, losslessly."""
+from conftest import generate_ids
+from vllm import SamplingParams
+
+import vllm_eagle
+from vllm_eagle.adapt import SpeculationGate
+
+
+def test_buckets():
+    assert [SpeculationGate.bucket_of(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 33)] == [1, 2, 2, 3, 3, 4, 4, 5, 6]
+
+
+def decisions(gate: SpeculationGate, num_reqs: int, steps: int, on_s: float, off_s: float, tokens_on: float) -> list:
+    """Drive the gate as the proposer does: decide, then record that decision's measured step."""
+    out = []
+    for _ in range(steps):
+        on = gate.speculate(num_reqs)
+        gate.record(num_reqs, on, on_s if on else off_s, tokens_on if on else 1.0)
+        out.append(on)
+    return out
+
+
+def test_gate_keeps_the_faster_arm_per_bucket_and_explores():
+    gate = SpeculationGate(warmup=4, explore_every=16)
+    # batch 1: speculation emits 1.6 tokens in 0.10 s vs 1 token in 0.08 s -> on (16 vs 12.5 tok/req/s)
+    d1 = decisions(gate, 1, 200, on_s=0.10, off_s=0.08, tokens_on=1.6)
+    # batch 8: 1.5 tokens in 0.20 s vs 1 in 0.085 s -> off (7.5 vs 11.8)
+    d8 = decisions(gate, 8, 200, on_s=0.20, off_s=0.085, tokens_on=1.5)
+    assert d1[:8].count(True) == 4 and d8[:8].count(True) == 4          # warm-up measures both arms
+    assert 0 < d1[8:].count(False) <= len(d1[8:]) // 16 + 1               # only exploration steps are off
+    assert 0 < d8[8:].count(True) <= len(d8[8:]) // 16 + 1                # only exploration steps are on
+    assert gate.summary()[1][0] > gate.summary()[1][1] and gate.summary()[8][0] < gate.summary()[8][1]
+
+
+def test_gate_follows_a_change_in_acceptance():
+    gate = SpeculationGate(warmup=4, explore_every=8, alpha=0.3)
+    decisions(gate, 1, 100, on_s=0.10, off_s=0.08, tokens_on=1.6)       # speculation pays ...
+    late = decisions(gate, 1, 200, on_s=0.10, off_s=0.08, tokens_on=1.0)[-100:]   # ... then nothing is accepted
+    assert late.count(True) <= 100 // 8 + 1
+
+
+def test_useless_head_is_gated_off_losslessly(tiny, tiny_random_head):
+    """A random head is never accepted: after the warm-up the gate keeps it from drafting; output equals vanilla."""
+    prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self."]
+    sp = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    want, _ = generate_ids(tiny, prompts, sp)
+    from conftest import close, make_llm
+    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=3))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    st = llm.collective_rpc("eagle_stats")[0]
+    close(llm)
+    assert got == want
+    assert st["gated_steps"] > 0.6 * st["steps"], st
