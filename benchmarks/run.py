@@ -44,6 +44,7 @@ class Row:
     verify_cost_v: float | None = None
     step_ms: float | None = None
     stage_ms: dict | None = None    # ours: ms per step in draft, mask, tree_attention, accept, kv_commit
+    gated_share: float | None = None    # ours: share of steps the load-adaptive gate kept from drafting
 
 
 @dataclass
@@ -58,7 +59,9 @@ DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0
 
 
 def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
-            dynamic: list[tuple[int, int, int]] = ()) -> list[Config]:
+            dynamic: list[tuple[int, int, int]] = (), fixed: bool = False) -> list[Config]:
+    """fixed=True adds each of ours again with adaptive=False ("-fixed": every step drafts; its c and v(K) are the
+    cost model of the shape, while the adaptive rows' mix gated steps in)."""
     import vllm_eagle
     out = [Config("vanilla")]
     for k in ks:
@@ -80,6 +83,12 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
         for d, k, n in dynamic:
             out.append(Config(f"ours-dynamic-n{n}-d{d}-k{k}", vllm_eagle.speculative_kwargs(
                 head, tree="dynamic", depth=d, top_k=k, total_tokens=n), n, d))
+    if fixed:
+        import copy
+        for c in [c for c in out if c.name.startswith("ours")]:
+            spec = copy.deepcopy(c.spec)
+            spec["additional_config"]["vllm_eagle"]["adaptive"] = False
+            out.append(Config(c.name + "-fixed", spec, c.k, c.depth))
     for c in out:
         c.depth = c.depth or c.k
     return out
@@ -137,6 +146,7 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
         out["draft_ms"] = 1000 * st["draft_s"] / max(1, st["steps"])
         out["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 3)
                            for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
+        out["gated_share"] = round(st["gated_steps"] / max(1, st["steps"]), 3)
     elif cfg.name == "vanilla":
         out["step_ms"] = 1000 * wall / (reps * len(chunks) * max_tokens)
     return out
@@ -224,15 +234,16 @@ def fill_cost_model(rows: list[Row], raw: dict) -> None:
 
 def markdown(rows: list[Row], env: dict, cmd: str) -> str:
     head = ("| workload | T | bs | config | tok/s | speedup | τ | per-position acceptance | c | v(K) | step ms | "
-            "ours: draft / mask / tree attn / accept / KV commit ms per step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "ours: draft / mask / tree attn / accept / KV commit ms per step | gated |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda x, f: "–" if x is None else format(x, f)
     body = "".join(
         f"| {r.workload} | {r.temperature:g} | {r.batch_size} | {r.config} | {r.tokens_per_s:.1f} | "
         f"{fmt(r.speedup, '.2f')}× | {fmt(r.tau, '.2f')} | "
         f"{', '.join(f'{p:.2f}' for p in r.per_position_acceptance) if r.per_position_acceptance else '–'} | "
         f"{fmt(r.draft_cost_c, '.3f')} | {fmt(r.verify_cost_v, '.2f')} | {fmt(r.step_ms, '.1f')} | "
-        f"{' / '.join(f'{v:.1f}' for v in r.stage_ms.values()) if r.stage_ms else '–'} |\n" for r in rows)
+        f"{' / '.join(f'{v:.1f}' for v in r.stage_ms.values()) if r.stage_ms else '–'} | "
+        f"{fmt(r.gated_share, '.0%')} |\n" for r in rows)
     return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
             f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
             "tok/s = median of the timed repetitions; speedup vs vanilla in the same run.\n\n" + head + body)
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--trees", nargs="*", default=[DEFAULT_TREE], help="static trees (path tuples) for ours")
     p.add_argument("--dynamic", nargs="*", default=["4,4,8"], metavar="DEPTH,TOP_K,TOTAL",
                    help="EAGLE-2 dynamic trees for ours")
+    p.add_argument("--fixed", action="store_true", help="also run ours with adaptive=False (cost model per shape)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, --min-prompts)")
     p.add_argument("--min-prompts", type=int, default=4)
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
-    for cfg in configs(head, a.ks, a.configs, a.trees, dynamic):
+    for cfg in configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed):
         print(f"[bench] {cfg.name}", flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)
@@ -338,7 +350,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     row = Row(cfg.name, wl, temp, bs, n, a.max_tokens, round(m["tokens_per_s"], 2),
                               m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),
                               per_position_acceptance=m.get("per_position_acceptance"),
-                              step_ms=m.get("step_ms") and round(m["step_ms"], 2), stage_ms=m.get("stage_ms"))
+                              step_ms=m.get("step_ms") and round(m["step_ms"], 2), stage_ms=m.get("stage_ms"),
+                              gated_share=m.get("gated_share"))
                     raw[id(row)] = m
                     rows.append(row)
                     print(f"[bench]   {wl} T={temp:g} bs={bs}: {row.tokens_per_s:.1f} tok/s"

@@ -213,7 +213,7 @@ def soak(url: str, model: str, server_pid: int, reqs: list[Req], refs: dict, con
     rep, lock = Report(), threading.Lock()
     todo = list(reversed(reqs))
     deadline = time.time() + 60 * minutes if minutes else None
-    warm_at = max(1, int(len(reqs) * warmup_frac))
+    warm_at = max(1, min(int(len(reqs) * warmup_frac), 2 * concurrency))     # answers before the memory baseline
     spec_before = spec_metrics(url)
 
     def check(r: Req, got: list[list[int]], aborted: bool) -> None:

@@ -12,15 +12,15 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
                  # ngram imports numba/llvmlite, whose objects crash vLLM 0.32's kernel-dispatcher scan when a later
                  # engine starts in the same process (in-process tests only; benchmarks run engines multiprocess).
                  "--configs", "native", "ours", "--serve-concurrency", "--trees", "[(0,), (1,), (0, 0)]",
-                 "--dynamic", "2,2,3"])
+                 "--dynamic", "2,2,3", "--fixed"])
     files = sorted(os.listdir(tmp_path))
     js = [f for f in files if f.endswith(".json")]
     assert len(js) == 1 and any(f.endswith(".md") for f in files) and any(f.endswith(".png") for f in files)
     data = json.load(open(tmp_path / js[0]))
     assert {"commit", "cpu", "vllm", "torch", "threads"} <= set(data["environment"])
-    assert [r["config"] for r in data["rows"]] == [c for c in ("vanilla", "native-eagle-k2", "ours-chain-k2", "ours-tree-n3-d2",
-                                                                       "ours-dynamic-n3-d2-k2")
-                                                   for _ in (1, 2)]
+    ours_names = ("ours-chain-k2", "ours-tree-n3-d2", "ours-dynamic-n3-d2-k2")
+    assert [r["config"] for r in data["rows"]] == [c for c in ("vanilla", "native-eagle-k2", *ours_names,
+                                                                *(n + "-fixed" for n in ours_names)) for _ in (1, 2)]
     fields = set(Row.__dataclass_fields__)
     for r in data["rows"]:
         assert set(r) == fields
@@ -32,6 +32,8 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     ours = [r for r in data["rows"] if r["config"].startswith("ours")]
     assert all(r["tau"] > 2.0 for r in ours)                               # the oracle head is accepted
     assert all(r["draft_cost_c"] > 0 and r["verify_cost_v"] > 0 for r in ours)
+    assert all(0 <= r["gated_share"] <= 1 for r in ours)
+    assert all(r["gated_share"] == 0 for r in ours if r["config"].endswith("-fixed"))
     for r in ours:                                           # per-stage cost of our own code
         assert set(r["stage_ms"]) == {"draft", "mask", "tree_attention", "accept", "kv_commit"}
         trees = "tree" in r["config"] or "dynamic" in r["config"]

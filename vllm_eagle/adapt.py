@@ -4,18 +4,22 @@ On a compute-bound device (this CPU) a verify step costs roughly in proportion t
 draft shape that pays at batch 1 loses at batch 8. Instead of a cost model with constants to tune, the gate measures
 what matters: for each batch-size bucket (running requests 1, 2-3, 4-7, 8-15, ...) an exponential moving average of
 tokens emitted per request per second, separately for steps that verified drafts (arm "on") and steps that did not
-("off"). Each step it picks the faster arm and, every `explore_every`-th decision of a bucket, the other one, so a
-change in acceptance or load is noticed. Output is unaffected either way: an "off" step is a plain vanilla step.
+("off"). Each step it picks the faster arm and now and then the other one, so a change in acceptance or load is
+noticed: every `explore_every`-th decision of a bucket, or more rarely when the other arm is much slower, so that
+exploring costs at most about `explore_budget` of the throughput. Output is unaffected either way: an "off" step is
+a plain vanilla step.
 
 Vocabulary: a *decision* is made when drafting for the next step; the *measurement* of that decision is the interval
 from its drafting call to the next one (drafting + the verify/decode step) and the tokens that step emitted per
-request. Only steps whose batch is decodes alone (no prefill chunk) are measured.
+request. Every step is measured: prefill chunks and rows that cannot draft land in both arms alike.
 
 Worked example (alpha 0.5, warmup 2): bucket 8-15 measures on: 1.6 tok/req in 0.20 s, 1.5 in 0.19 s -> EMA ~7.9
-tok/req/s; off: 1.0 in 0.085 s, 1.0 in 0.083 s -> ~11.9: the gate says off, except every 16th decision.
+tok/req/s; off: 1.0 in 0.085 s, 1.0 in 0.083 s -> ~11.9: the gate says off; "on" is 1.5x slower, so it explores
+every max(16, (1.5 - 1) / 0.03 = 17) = 17th decision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -33,8 +37,8 @@ class Bucket:
 
 
 class SpeculationGate:
-    def __init__(self, warmup: int = 4, explore_every: int = 16, alpha: float = 0.2):
-        self.warmup, self.explore_every, self.alpha = warmup, explore_every, alpha
+    def __init__(self, warmup: int = 4, explore_every: int = 16, explore_budget: float = 0.03, alpha: float = 0.2):
+        self.warmup, self.explore_every, self.explore_budget, self.alpha = warmup, explore_every, explore_budget, alpha
         self.buckets: dict[int, Bucket] = {}
 
     @staticmethod
@@ -57,7 +61,9 @@ class SpeculationGate:
         if b.on.samples < self.warmup or b.off.samples < self.warmup:
             return b.on.samples <= b.off.samples          # measure both arms first, "on" first
         best = b.on.rate >= b.off.rate
-        return best != (b.decisions % self.explore_every == 0)
+        slow = max(b.on.rate, b.off.rate) / max(min(b.on.rate, b.off.rate), 1e-9)   # one exploring step's cost
+        every = max(self.explore_every, math.ceil((slow - 1) / self.explore_budget))
+        return best != (b.decisions % every == 0)
 
     def summary(self) -> dict:
         """{bucket's smallest batch size: (on rate, off rate, on samples, off samples)} for stats and benchmarks."""

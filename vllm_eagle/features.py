@@ -36,8 +36,6 @@ class FeatureBatch:
     finished_req_ids: set[str]
     num_drafts: int                   # K for this step
     num_emitted: np.ndarray | None = None   # [num_reqs] int: tokens each row emitted (sampled) this step
-    decode_only: bool = False         # every row decoded (1 token + its drafts): no prefill chunk in this step
-    num_drafted: np.ndarray | None = None   # [num_reqs] int: drafts each row verified this step
     seeded: np.ndarray | None = None  # [num_reqs] bool: rows whose request samples with its own seed
     tree_paths: dict[int, np.ndarray] = field(default_factory=dict)
     # rows verified as trees: {row: accepted path [0, a_1, .., a_m]}; committed entry j of such a row takes feature
@@ -77,6 +75,5 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
         tree_ok=np.array([tree_verifiable(runner.requests[rid].sampling_params) for rid in batch.req_ids[:n]],
                          dtype=bool),
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts,
-        num_emitted=num_sampled, decode_only=bool(n) and bool(np.all(scheduled == 1 + num_drafted)),
-        num_drafted=num_drafted,
+        num_emitted=num_sampled,
         seeded=np.isin(np.arange(n), np.fromiter(batch.generators, dtype=np.int64, count=len(batch.generators))))

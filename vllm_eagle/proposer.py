@@ -61,7 +61,8 @@ class EagleProposer:
         self.tree = None if self.options.tree in ("chain", DYNAMIC) else compile_tree(self.options.tree)
         self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
         self.gate = SpeculationGate() if self.options.adaptive else None
-        self._last_call: tuple[float, bool] | None = None   # (start of the previous propose_step, decode-only)
+        self._last_decision: tuple[float, bool, frozenset] | None = None   # gate: (call start, drafted?, requests)
+        self._step_start = 0.0
 
     def load_model(self, target: torch.nn.Module) -> None:
         hf = self.vllm_config.model_config.hf_config
@@ -116,16 +117,15 @@ class EagleProposer:
     def propose_step(self, fb: FeatureBatch) -> list[list[int]]:
         """features -> commit entries -> draft. Returns draft token ids per row ([] = no speculation for the row)."""
         t0 = time.perf_counter()
-        if self.gate is not None:
-            # The interval since the previous call measures that call's decision: its drafting + this step. Steps
-            # with prefill chunks, and steps where only some rows verified drafts, are not measured.
-            drafted = None if fb.num_drafted is None else fb.num_drafted > 0
-            if (self._last_call is not None and self._last_call[1] and fb.decode_only and drafted is not None
-                    and (drafted.all() or not drafted.any())):
-                self.gate.record(len(fb.req_ids), bool(drafted.all()), t0 - self._last_call[0],
-                                 float(fb.num_emitted.mean()))
-            self._last_call = (t0, fb.decode_only)
+        if self.gate is not None and self._last_decision is not None and fb.num_emitted is not None:
+            # The interval since the previous call measures that call's decision: its drafting + this step (unless
+            # the engine went idle in between: then none of that call's requests is still running).
+            start, on, req_ids = self._last_decision
+            if not req_ids.isdisjoint(fb.req_ids):
+                self.gate.record(len(req_ids), on, t0 - start, float(fb.num_emitted.mean()))
+        self._last_decision = None
         try:
+            self._step_start = t0
             return self._propose_step(fb)
         finally:
             self.stats.steps += 1
@@ -151,8 +151,11 @@ class EagleProposer:
         out: list[list[int]] = [[] for _ in fb.req_ids]
         if fb.num_drafts <= 0:
             return out
-        gated = self.gate is not None and not self.gate.speculate(len(fb.req_ids))
-        self.stats.gated_steps += gated
+        gated = False
+        if self.gate is not None:
+            gated = not self.gate.speculate(len(fb.req_ids))
+            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids))
+            self.stats.gated_steps += gated
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
         if gated:           # seeded requests keep drafting: their sampled tokens depend on the drafts, not on timing
