@@ -119,7 +119,7 @@ def spec_counters(llm) -> dict:
 def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, max_tokens: int, reps: int) -> dict:
     """Median tokens/s of `reps` passes over `prompts`, submitted `bs` at a time (every request makes max_tokens)."""
     from vllm import SamplingParams
-    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)   # unseeded (adapt.py)
     chunks = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
     rates, before = [], spec_counters(llm)
     eagle_before = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0] if cfg.name.startswith("ours") else {}

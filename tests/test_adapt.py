@@ -1,6 +1,6 @@
 """Load adaptivity (adapt.py): the gate measures both arms per batch-size bucket, then keeps the faster one and
 explores the other every explore_every-th decision; in the engine it stops a useless head from drafting, losslessly."""
-from conftest import generate_ids
+from conftest import generate_ids, spec_counters
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -52,3 +52,23 @@ def test_useless_head_is_gated_off_losslessly(tiny, tiny_random_head):
     close(llm)
     assert got == want
     assert st["gated_steps"] > 0.6 * st["steps"], st
+
+
+def test_seeded_requests_under_the_gate_sample_exactly_as_vanilla(oracle):
+    """Under the gate a request with a seed never drafts, so its output is vanilla's for that seed, token for token,
+    while greedy and unseeded requests in the same batch are speculated (and greedy stays lossless)."""
+    target, head = oracle
+    prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:"]
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    seeded = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, ignore_eos=True, seed=s) for s in (1, 2)]
+    unseeded = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True)
+    params = [greedy, greedy, *seeded, unseeded]
+    from conftest import close, make_llm
+    outs = {}
+    for name, spec in (("vanilla", None), ("ours", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3))):
+        llm = make_llm(target, spec)
+        outs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        c = spec_counters(llm) if spec else None
+        close(llm)
+    assert outs["ours"][:4] == outs["vanilla"][:4]
+    assert len(outs["ours"][4]) == 32 and c["accepted_tokens"] > 0

@@ -8,8 +8,8 @@ from vllm import SamplingParams
 import vllm_eagle
 
 TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0)]"
-SHAPES = {"chain": dict(num_speculative_tokens=3), "static": dict(tree=TREE),
-          "dynamic": dict(tree="dynamic", depth=3, top_k=2, total_tokens=5)}
+SHAPES = {"chain": dict(num_speculative_tokens=3, adaptive=False), "static": dict(tree=TREE, adaptive=False),
+          "dynamic": dict(tree="dynamic", depth=3, top_k=2, total_tokens=5, adaptive=False)}   # every step drafts
 shapes = pytest.mark.parametrize("shape", sorted(SHAPES))
 PROMPTS = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self.",
            " ".join(["x = [i * i for i in range(10)]"] * 6), "with open(path) as f:"]

@@ -60,7 +60,7 @@ def test_serve_speculative_model_matches_vanilla(smollm2, smollm2_head, vanilla_
 
 def test_serve_speculative_config_form_with_dynamic_trees(smollm2, smollm2_head, vanilla_answers, soak_mix, tmp_path):
     """vLLM's own flags (--speculative-config + --additional-config + --worker-cls) reach the same proposer, here with
-    EAGLE-2 dynamic trees: greedy identical to vanilla, seeded sampling through trees reproducible, a bad request
+    EAGLE-2 dynamic trees (load-adaptive): greedy identical to vanilla, seeded sampling reproducible, a bad request
     answered with a 4xx while the server stays up; then the short soak (benchmarks/soak.py) with 16 concurrent
     streaming clients: no failure, no stuck request, every greedy answer (and aborted prefix) equals vanilla's."""
     import urllib.error

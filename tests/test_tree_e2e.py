@@ -9,7 +9,8 @@ import vllm_eagle
 from vllm_eagle.config import EagleOptionError
 
 TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]"
-SHAPES = {"static": dict(tree=TREE), "dynamic": dict(tree="dynamic", depth=4, top_k=2, total_tokens=6)}
+SHAPES = {"static": dict(tree=TREE, adaptive=False),                   # fixed shapes: every step drafts
+          "dynamic": dict(tree="dynamic", depth=4, top_k=2, total_tokens=6, adaptive=False)}
 shapes = pytest.mark.parametrize("shape", sorted(SHAPES))
 
 

@@ -158,8 +158,10 @@ class EagleProposer:
             self.stats.gated_steps += gated
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
-        if gated:           # seeded requests keep drafting: their sampled tokens depend on the drafts, not on timing
-            fits &= fb.seeded if fb.seeded is not None else False
+        if self.gate is not None:
+            # Under the gate, requests with a seed never draft: drafts change which random numbers a sampled token
+            # uses, and timing must not decide a seeded output. Their output is then vanilla's for that seed.
+            fits &= ~fb.seeded & (not gated)
         if self.tree is None and not self.dynamic:
             groups = [(tree, fits)]
         else:
