@@ -92,6 +92,17 @@ def spec_metrics(url: str) -> dict:
     return vals
 
 
+def run_clients(client, n: int) -> float:
+    """Run `client` in n threads until every one returns; -> wall seconds."""
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
+
+
 def load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, temperature: float = 0.0) -> dict:
     """Stream completions for `prompts` with `concurrency` requests in flight; -> TTFT/TPOT medians, throughput."""
     ttft, tpot, tokens, lock, queue = [], [], [0], threading.Lock(), list(enumerate(prompts))
@@ -118,12 +129,6 @@ def load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens:
                 tpot.append((end - first[0]) / max(1, n[0] - 1))
                 tokens[0] += n[0]
 
-    t = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t
+    wall = run_clients(worker, concurrency)
     return {"concurrency": concurrency, "requests": len(prompts), "ttft_ms": 1000 * statistics.median(ttft),
             "tpot_ms": 1000 * statistics.median(tpot), "tokens_per_s": tokens[0] / wall}

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .serving import Server
+from .serving import Server, run_clients
 
 STOP = "\n\n"
 
@@ -171,11 +171,7 @@ def references(url: str, model: str, distinct: list[Req], concurrency: int = 8, 
             got = complete(url, model, r, timeout)
             with lock:
                 out[r.key] = got
-    threads = [threading.Thread(target=work) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_clients(work, concurrency)
     return out
 
 
@@ -259,13 +255,7 @@ def soak(url: str, model: str, server_pid: int, reqs: list[Req], refs: dict, con
                     rep.rss_mb_after_warmup = rss_mb(server_pid)
                 rep.rss_mb_max = max(rep.rss_mb_max, rss_mb(server_pid) if done % 16 == 0 else 0)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rep.wall_s = round(time.perf_counter() - t0, 1)
+    rep.wall_s = round(run_clients(work, concurrency), 1)
     for _ in range(30):                                   # aborted streams are released asynchronously
         g = engine_gauges(url)
         rep.running_after = sum(g.values())
