@@ -1,6 +1,7 @@
 """Features stage: for every committed position of every request, under continuous batching and chunked prefill, the
 proposer receives exactly the target's final-norm hidden state (and, with feature_layers, the requested intermediate
 layers), as HF transformers computes them for the final token sequence (fp32)."""
+import pytest
 import torch
 from conftest import close, make_llm
 from vllm import SamplingParams
@@ -9,7 +10,11 @@ import vllm_eagle
 from vllm_eagle.proposer import EagleProposer
 
 
-def test_features_reach_the_proposer_for_every_committed_position(tiny, oracle, monkeypatch):
+@pytest.mark.parametrize("shape", [dict(num_speculative_tokens=3),
+                                   dict(tree="[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]", adaptive=False)])
+def test_features_reach_the_proposer_for_every_committed_position(tiny, oracle, monkeypatch, shape):
+    """Chains, and trees: there the committed entries are the accepted path's nodes, not the first nodes in BFS order
+    (the oracle accepts first children: path [0, 1, 3, 5] of the tree's nodes [(), (0,), (1,), (0, 0), (1, 0), ...])."""
     target, head = oracle                      # an accepting head: steps commit several positions at once
     seen = {}                                  # req_id -> {position: (feature, aux)}
     orig = EagleProposer._propose_step
@@ -17,14 +22,14 @@ def test_features_reach_the_proposer_for_every_committed_position(tiny, oracle, 
     def spy(self, fb):
         for r, rid in enumerate(fb.req_ids):
             for i in range(int(fb.num_committed[r])):
-                row = int(fb.query_start[r]) + i
+                row = int(fb.query_start[r]) + (int(fb.tree_paths[r][i]) if r in fb.tree_paths else i)
                 seen.setdefault(rid, {})[int(fb.start_pos[r]) + i] = (fb.features[row].clone(),
                                                                       fb.aux_features[row].clone())
         return orig(self, fb)
 
     monkeypatch.setattr(EagleProposer, "_propose_step", spy)
     prompts = ["def main(" * 9, "import os", "class Foo:" * 12, "for i in range("]
-    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3, feature_layers=(0, 1)),
+    llm = make_llm(target, vllm_eagle.speculative_kwargs(head, **shape, feature_layers=(0, 1)),
                    max_num_batched_tokens=32, max_num_seqs=3)     # chunked prefill, requests join mid-flight
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     close(llm)

@@ -69,6 +69,9 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
     # or recovered token, whose entry needs the next step's feature).
     num_committed = np.where(drafting, scheduled - num_drafted + num_sampled - 1, scheduled)
     aux = torch.cat(aux_hidden_states, dim=-1) if aux_hidden_states else None
+    row_of = {rid: r for r, rid in enumerate(batch.req_ids[:n])}
+    tree_paths = {row_of[rid]: np.asarray(path, dtype=np.int64)          # accept stage: {req_id: [0, a_1, .., a_m]}
+                  for rid, path in (accepted_paths or {}).items() if rid in row_of}
     return FeatureBatch(
         req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
@@ -76,4 +79,5 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
                          dtype=bool),
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts,
         num_emitted=num_sampled,
-        seeded=np.isin(np.arange(n), np.fromiter(batch.generators, dtype=np.int64, count=len(batch.generators))))
+        seeded=np.isin(np.arange(n), np.fromiter(batch.generators, dtype=np.int64, count=len(batch.generators))),
+        tree_paths=tree_paths)
