@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .serving import Server, run_clients
+from .serving import Server, run_clients, spec_metrics
 
 STOP = "\n\n"
 
@@ -205,7 +205,6 @@ def engine_gauges(url: str) -> dict:
 def soak(url: str, model: str, server_pid: int, reqs: list[Req], refs: dict, concurrency: int,
          minutes: float | None = None, timeout: float = 300, warmup_frac: float = 0.2) -> Report:
     """Run `reqs` against `url` with `concurrency` clients (stop issuing after `minutes`); check every answer."""
-    from .serving import spec_metrics
     rep, lock = Report(), threading.Lock()
     todo = list(reversed(reqs))
     deadline = time.time() + 60 * minutes if minutes else None
@@ -253,7 +252,8 @@ def soak(url: str, model: str, server_pid: int, reqs: list[Req], refs: dict, con
                 done = rep.completed + rep.aborted
                 if done == warm_at:
                     rep.rss_mb_after_warmup = rss_mb(server_pid)
-                rep.rss_mb_max = max(rep.rss_mb_max, rss_mb(server_pid) if done % 16 == 0 else 0)
+                if done % 16 == 0:
+                    rep.rss_mb_max = max(rep.rss_mb_max, rss_mb(server_pid))
 
     rep.wall_s = round(run_clients(work, concurrency), 1)
     for _ in range(30):                                   # aborted streams are released asynchronously

@@ -79,5 +79,5 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
                          dtype=bool),
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts,
         num_emitted=num_sampled,
-        seeded=np.isin(np.arange(n), np.fromiter(batch.generators, dtype=np.int64, count=len(batch.generators))),
+        seeded=np.array([i in batch.generators for i in range(n)], dtype=bool),
         tree_paths=tree_paths)
