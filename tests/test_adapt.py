@@ -72,3 +72,19 @@ def test_seeded_requests_under_the_gate_sample_exactly_as_vanilla(oracle):
         close(llm)
     assert outs["ours"][:4] == outs["vanilla"][:4]
     assert len(outs["ours"][4]) == 32 and c["accepted_tokens"] > 0
+
+
+def test_steps_without_drafts_sample_through_vanillas_sampler(tiny, tiny_random_head, monkeypatch):
+    """When the gate keeps every row from drafting, the step is vanilla's: vLLM's rejection sampler (which at T > 0
+    draws a [num_reqs, vocab] exponential even with no drafts) is skipped, and seeded samples equal vanilla's."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    prompts = ["def main(", "import os", "class Foo:"]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    want, _ = generate_ids(tiny, prompts, params)
+    calls = []
+    forward = RejectionSampler.forward
+    monkeypatch.setattr(RejectionSampler, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    monkeypatch.setattr(SpeculationGate, "speculate", lambda self, num_reqs: False)
+    got, _ = generate_ids(tiny, prompts, params, vllm_eagle.speculative_kwargs(tiny_random_head))
+    assert got == want
+    assert calls == []

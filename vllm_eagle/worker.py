@@ -52,6 +52,12 @@ class EagleCPUModelRunner(CPUModelRunner):
         return attn_metadata, common
 
     def _sample(self, logits, spec_decode_metadata):
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            # No row verifies drafts (the gate said off, or only prefills): vLLM would still run its rejection
+            # sampler, which at T > 0 draws an exponential over [num_reqs, vocab] and softmaxes every row (~1/3 of a
+            # gated step at batch 8). Then logits are exactly vanilla's rows [num_reqs, vocab] and the plain sampler
+            # is vanilla's step; its [num_reqs, 1] output parses the same.
+            spec_decode_metadata = None
         out = super()._sample(logits, spec_decode_metadata)     # chains: vLLM's rejection sampler, bit for bit
         self._accepted_paths = {}
         if self._tree_step is not None:
