@@ -27,9 +27,10 @@ def test_gate_keeps_the_faster_arm_per_bucket_and_explores():
     d1 = decisions(gate, 1, 200, on_s=0.10, off_s=0.08, tokens_on=1.6)
     # batch 8: 1.5 tokens in 0.20 s vs 1 in 0.085 s -> off (7.5 vs 11.8)
     d8 = decisions(gate, 8, 200, on_s=0.20, off_s=0.085, tokens_on=1.5)
-    assert d1[:8].count(True) == 4 and d8[:8].count(True) == 4          # warm-up measures both arms
-    assert 0 < d1[8:].count(False) <= len(d1[8:]) // 16 + 1               # only exploration steps are off
-    assert 0 < d8[8:].count(True) <= len(d8[8:]) // 16 + 1                # only exploration steps are on
+    assert d1[:8].count(True) == 4 and d8[:8].count(True) == 4          # warm-up measures both arms alternately
+    # then every 4th decision explores until the slower arm has 20 samples, and every 16th after that
+    assert 0 < d1[100:].count(False) <= len(d1[100:]) // 16 + 1
+    assert 0 < d8[100:].count(True) <= len(d8[100:]) // 16 + 1
     assert gate.summary()[1][0] > gate.summary()[1][1] and gate.summary()[8][0] < gate.summary()[8][1]
 
 
@@ -88,3 +89,18 @@ def test_steps_without_drafts_sample_through_vanillas_sampler(tiny, tiny_random_
     got, _ = generate_ids(tiny, prompts, params, vllm_eagle.speculative_kwargs(tiny_random_head))
     assert got == want
     assert calls == []
+
+
+def test_gate_keeps_a_small_win_despite_noisy_acceptance():
+    """Batch 1 at tau ~1.6: an "on" step emits 1, 2, 3 or 4 tokens (57/29/9/5 %) in 45 ms, an "off" step 1 in 33 ms:
+    on is worth 36 tok/s against 30. Single steps swing far either way; the gate must still keep speculating."""
+    import random
+    rng = random.Random(0)
+    gate = SpeculationGate()
+    ons = []
+    for _ in range(2000):
+        on = gate.speculate(1)
+        tokens = rng.choices([1, 2, 3, 4], weights=[57, 29, 9, 5])[0] if on else 1
+        gate.record(1, on, (0.045 if on else 0.033) * rng.uniform(0.9, 1.1), tokens)
+        ons.append(on)
+    assert sum(ons[200:]) > 0.9 * len(ons[200:])

@@ -169,3 +169,16 @@ def test_dynamic_tree_matches_brute_force_eagle2():
                 assert got == want, (r, depth, top_k, total)
                 trees.add(compile_tree(paths).paths)     # a valid tree (parents present, no rank gaps)
     assert len(trees) > 3                                # the two requests grew different shapes
+
+
+def test_attend_fast_path_equals_sdpa():
+    """attend's drafting path (<= 16 queries: grouped fp32 matmuls) equals its SDPA path (training's long queries)."""
+    B, Tk, nh, nkv, hd = 3, 41, 6, 2, 8
+    q = torch.randn(B, 17, nh, hd)
+    k, v = torch.randn(B, Tk, nkv, hd), torch.randn(B, Tk, nkv, hd)
+    mask = torch.rand(B, 17, Tk) > 0.4
+    mask[..., 0] = True                                   # every query sees at least one key
+    for tq in (1, 5, 16):
+        torch.testing.assert_close(attend(q[:, :tq], k, v, mask[:, :tq]), attend(q, k, v, mask)[:, :tq],
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q[:, :3], k, v, None), attend(q, k, v, None)[:, :3], rtol=1e-5, atol=1e-5)

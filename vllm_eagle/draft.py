@@ -106,8 +106,8 @@ def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: to
         x = head.project(embed(tokens[:, expand].flatten()), g[:, slot[parent[expand]]].flatten(0, 1))
         q, k, v = head.qkv(x, (pos[:, None] + d).expand(B, m).flatten())
         cols = pos[:, None] + expand                                                   # [B, m]
-        k_pad[batch, cols] = k.unflatten(0, (B, m))
-        v_pad[batch, cols] = v.unflatten(0, (B, m))
+        k_pad[batch, cols] = k.unflatten(0, (B, m)).float()
+        v_pad[batch, cols] = v.unflatten(0, (B, m)).float()
         x, q = x.unflatten(0, (B, m)), q.unflatten(0, (B, m))
     return tokens[:, 1:]
 
@@ -158,8 +158,8 @@ def draft_dynamic(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last:
         x = head.project(embed(front_tok.flatten()), g_parent.flatten(0, 1))           # [B*K, H]
         q, k, v = head.qkv(x, (pos[:, None] + d).expand(B, K).flatten())
         own = (d - 1) * K + torch.arange(K)                                            # [K] extra columns
-        k_pad[batch, pos[:, None] + 1 + own] = k.unflatten(0, (B, K))
-        v_pad[batch, pos[:, None] + 1 + own] = v.unflatten(0, (B, K))
+        k_pad[batch, pos[:, None] + 1 + own] = k.unflatten(0, (B, K)).float()
+        v_pad[batch, pos[:, None] + 1 + own] = v.unflatten(0, (B, K)).float()
         vis[:, torch.arange(K), own] = True
         mask = committed[:, None, :] | vis.gather(2, extra_col[:, None, :].expand(B, K, T))   # [B, K, T]
         g = head.finish(x.unflatten(0, (B, K)), attend(q.unflatten(0, (B, K)), k_pad, v_pad, mask))  # [B, K, H]

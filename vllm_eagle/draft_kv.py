@@ -38,12 +38,13 @@ class DraftKVCache:
             self._kv.pop(r, None)
 
     def scratch(self, req_ids: list[str], lengths: list[int], extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded copies of the first lengths[b] committed entries of each request, with `extra` free columns.
+        """Padded fp32 copies of the first lengths[b] committed entries of each request, with `extra` free columns
+        (fp32: drafting attention computes in fp32, see draft_head.attend; converting once here, not per depth).
 
         -> k, v [B, max(lengths) + extra, num_kv_heads, head_dim]; columns past a row's length are zero.
         """
         T = max(lengths) + extra
-        kv = torch.zeros(len(req_ids), T, 2, *self.shape, dtype=self.dtype)
+        kv = torch.zeros(len(req_ids), T, 2, *self.shape, dtype=torch.float32)
         for b, (r, n) in enumerate(zip(req_ids, lengths)):
             kv[b, :n] = self._kv[r][:n]
         return kv[:, :, 0], kv[:, :, 1]

@@ -113,7 +113,8 @@ class EagleCPUWorker(CPUWorker):
         drafter = getattr(self.model_runner, "drafter", None)
         if not isinstance(drafter, EagleProposer):
             return {}
-        out = dict(vars(drafter.stats), draft_kv_requests=len(drafter.kv))   # requests holding head KV now
+        out = dict(vars(drafter.stats), draft_kv_requests=len(drafter.kv),   # requests holding head KV now
+                   gate=drafter.gate.summary() if drafter.gate is not None else None)
         if reset:
             drafter.stats = type(drafter.stats)()
         return out
