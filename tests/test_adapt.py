@@ -104,3 +104,15 @@ def test_gate_keeps_a_small_win_despite_noisy_acceptance():
         gate.record(1, on, (0.045 if on else 0.033) * rng.uniform(0.9, 1.1), tokens)
         ons.append(on)
     assert sum(ons[200:]) > 0.9 * len(ons[200:])
+
+
+def test_an_arm_measured_absurdly_slow_is_still_re_measured():
+    """One absurd "off" measurement (a stall) must not keep the gate from ever trying "off" again."""
+    gate = SpeculationGate()
+    for _ in range(40):
+        for on in (True, False):
+            gate.record(1, on, 0.040 if on else 0.030, 1.2 if on else 1.0)
+    for _ in range(30):
+        gate.record(1, False, 30.0, 1.0)                  # off now looks 1000x slower than it is
+    ons = [gate.speculate(1) for _ in range(640)]
+    assert 5 <= ons.count(False) <= 640 // 16

@@ -6,7 +6,7 @@ what matters: for each batch-size bucket (running requests 1, 2-3, 4-7, 8-15, ..
 second, separately for steps that verified drafts (arm "on") and steps that did not ("off"). Each step it picks the
 faster arm and now and then the other one, so a change in acceptance or load is noticed: every `explore_every`-th
 decision of a bucket, or more rarely when the other arm is much slower, so that exploring costs at most about
-`explore_budget` of the throughput. Output is unaffected either way: an "off" step is a plain vanilla step.
+`explore_budget` of the throughput (but at least every 64th decision). Output is unaffected either way: an "off" step is a plain vanilla step.
 
 An arm's rate is (mean tokens per request per step) / (mean seconds per step), two moving averages: seconds follow
 load quickly (`alpha`), tokens slowly (`alpha_tokens`), because one step's accepted length is noisy — at tau 1.6 half
@@ -83,7 +83,8 @@ class SpeculationGate:
         if other.samples < self.settle:                   # its estimate still rests on a few noisy steps
             return best != (b.decisions % 4 == 0)
         slow = max(b.on.rate, b.off.rate) / max(min(b.on.rate, b.off.rate), 1e-9)   # one exploring step's cost
-        every = max(self.explore_every, math.ceil((slow - 1) / self.explore_budget))
+        # Never rarer than every 64th: an arm whose estimate went wrong must still be re-measured.
+        every = min(64, max(self.explore_every, math.ceil((slow - 1) / self.explore_budget)))
         return best != (b.decisions % every == 0)
 
     def summary(self) -> dict:
