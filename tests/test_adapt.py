@@ -116,3 +116,12 @@ def test_an_arm_measured_absurdly_slow_is_still_re_measured():
         gate.record(1, False, 30.0, 1.0)                  # off now looks 1000x slower than it is
     ons = [gate.speculate(1) for _ in range(640)]
     assert 5 <= ons.count(False) <= 640 // 16
+
+
+def test_only_steps_of_the_same_requests_measure_a_decision():
+    decided = frozenset({"a", "b"})
+    assert SpeculationGate.comparable(decided, ["a", "b"])
+    assert SpeculationGate.comparable(decided, ["b"])                     # "a" finished: the step still counts
+    assert not SpeculationGate.comparable(decided, ["a", "b", "c"])      # "c" joined with its prefill
+    assert not SpeculationGate.comparable(decided, ["c"])                 # the engine went idle in between
+    assert not SpeculationGate.comparable(decided, [])

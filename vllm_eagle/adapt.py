@@ -67,6 +67,14 @@ class SpeculationGate:
         """1 -> 1, 2..3 -> 2, 4..7 -> 3, 8..15 -> 4, ..."""
         return max(1, num_reqs).bit_length()
 
+    @staticmethod
+    def comparable(decided: frozenset, now: list) -> bool:
+        """Whether the step after a decision measures it: the requests running now are some of those it was made for.
+        A request that joined in between brought its prefill into the interval (at b32 a 1-request decision's
+        interval once held 32 prefills and cut that bucket's "on" estimate 18x); one that went idle in between has
+        no step at all; finished requests only leave."""
+        return bool(now) and decided.issuperset(now)
+
     def record(self, num_reqs: int, speculated: bool, step_s: float, tokens_per_req: float) -> None:
         if step_s <= 0:
             return

@@ -118,10 +118,10 @@ class EagleProposer:
         """features -> commit entries -> draft. Returns draft token ids per row ([] = no speculation for the row)."""
         t0 = time.perf_counter()
         if self.gate is not None and self._last_decision is not None and fb.num_emitted is not None:
-            # The interval since the previous call measures that call's decision: its drafting + this step (unless
-            # the engine went idle in between: then none of that call's requests is still running).
+            # The interval since the previous call measures that call's decision: its drafting + this step, if this
+            # step ran the same requests (adapt.SpeculationGate.comparable).
             start, on, req_ids = self._last_decision
-            if not req_ids.isdisjoint(fb.req_ids):
+            if self.gate.comparable(req_ids, fb.req_ids):
                 self.gate.record(len(req_ids), on, t0 - start, float(fb.num_emitted.mean()))
         self._last_decision = None
         try:
