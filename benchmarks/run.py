@@ -89,6 +89,7 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
             spec = copy.deepcopy(c.spec)
             spec["additional_config"]["vllm_eagle"]["adaptive"] = False
             out.append(Config(c.name + "-fixed", spec, c.k, c.depth))
+    out.append(Config("vanilla-end"))      # vanilla again, last: its speedup is how far the machine drifted meanwhile
     for c in out:
         c.depth = c.depth or c.k
     return out
@@ -147,7 +148,7 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
         out["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 3)
                            for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
         out["gated_share"] = round(st["gated_steps"] / max(1, st["steps"]), 3)
-    elif cfg.name == "vanilla":
+    elif cfg.name.startswith("vanilla"):
         out["step_ms"] = 1000 * wall / (reps * len(chunks) * max_tokens)
     return out
 
@@ -246,7 +247,8 @@ def markdown(rows: list[Row], env: dict, cmd: str) -> str:
         f"{fmt(r.gated_share, '.0%')} |\n" for r in rows)
     return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
             f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
-            "tok/s = median of the timed repetitions; speedup vs vanilla in the same run.\n\n" + head + body)
+            "tok/s = median of the timed repetitions; speedup vs vanilla (run first) in the same run; vanilla-end = "
+            "vanilla run again last (its speedup = the machine's drift during the run).\n\n" + head + body)
 
 
 def plots(rows: list[Row], stem: str) -> list[str]:

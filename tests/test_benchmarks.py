@@ -20,13 +20,14 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     assert {"commit", "cpu", "vllm", "torch", "threads"} <= set(data["environment"])
     ours_names = ("ours-chain-k2", "ours-tree-n3-d2", "ours-dynamic-n3-d2-k2")
     assert [r["config"] for r in data["rows"]] == [c for c in ("vanilla", "native-eagle-k2", *ours_names,
-                                                                *(n + "-fixed" for n in ours_names)) for _ in (1, 2)]
+                                                                *(n + "-fixed" for n in ours_names), "vanilla-end")
+                                                 for _ in (1, 2)]
     fields = set(Row.__dataclass_fields__)
     for r in data["rows"]:
         assert set(r) == fields
         assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_reps"]) == 1 and r["speedup"] > 0
-        if r["config"] == "vanilla":
-            assert r["speedup"] == 1.0 and r["tau"] is None
+        if r["config"].startswith("vanilla"):
+            assert r["tau"] is None and (r["speedup"] == 1.0 or r["config"] == "vanilla-end")
         else:
             assert 1.0 <= r["tau"] <= 3.0 and len(r["per_position_acceptance"]) in (2, 3)
     ours = [r for r in data["rows"] if r["config"].startswith("ours")]
