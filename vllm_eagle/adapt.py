@@ -6,7 +6,8 @@ what matters: for each batch-size bucket (running requests 1, 2-3, 4-7, 8-15, ..
 second, separately for steps that verified drafts (arm "on") and steps that did not ("off"). Each step it picks the
 faster arm and now and then the other one, so a change in acceptance or load is noticed: every `explore_every`-th
 decision of a bucket, or more rarely when the other arm is much slower, so that exploring costs at most about
-`explore_budget` of the throughput (but at least every 64th decision). Output is unaffected either way: an "off" step is a plain vanilla step.
+`explore_budget` of the throughput (but at least every `explore_max`-th decision). Output is unaffected either way:
+an "off" step is a plain vanilla step.
 
 An arm's rate is (mean tokens per request per step) / (mean seconds per step), two moving averages: seconds follow
 load quickly (`alpha`), tokens slowly (`alpha_tokens`), because one step's accepted length is noisy — at tau 1.6 half
@@ -19,7 +20,9 @@ the steps, 0.02 on 93 % (the most exploring allows).
 
 Vocabulary: a *decision* is made when drafting for the next step; the *measurement* of that decision is the interval
 from its drafting call to the next one (drafting + the verify/decode step) and the tokens that step emitted per
-request. Every step is measured: prefill chunks and rows that cannot draft land in both arms alike.
+request, if that step ran some of the requests the decision was made for and no others (`comparable`): a request
+joining in between brings its prefill into the interval. Prefill chunks of requests already running and rows that
+cannot draft land in both arms alike.
 
 Worked example: bucket 8-15 has measured on: 1.5 tokens per request in 0.20 s per step -> 7.5 tok/req/s; off: 1.0 in
 0.085 s -> 11.8: the gate says off; "on" is 1.57x slower, so it explores every max(16, (1.57 - 1) / 0.03 = 19) = 19th
@@ -57,8 +60,9 @@ class Bucket:
 
 class SpeculationGate:
     def __init__(self, warmup: int = 8, explore_every: int = 16, explore_budget: float = 0.03, alpha: float = 0.2,
-                 alpha_tokens: float = 0.02, settle: int = 20):
+                 alpha_tokens: float = 0.02, settle: int = 20, explore_max: int = 64):
         self.warmup, self.explore_every, self.explore_budget = warmup, explore_every, explore_budget
+        self.explore_max = explore_max
         self.alpha, self.alpha_tokens, self.settle = alpha, alpha_tokens, settle
         self.buckets: dict[int, Bucket] = {}
 
@@ -91,8 +95,8 @@ class SpeculationGate:
         if other.samples < self.settle:                   # its estimate still rests on a few noisy steps
             return best != (b.decisions % 4 == 0)
         slow = max(b.on.rate, b.off.rate) / max(min(b.on.rate, b.off.rate), 1e-9)   # one exploring step's cost
-        # Never rarer than every 64th: an arm whose estimate went wrong must still be re-measured.
-        every = min(64, max(self.explore_every, math.ceil((slow - 1) / self.explore_budget)))
+        # Never rarer than every explore_max-th: an arm whose estimate went wrong must still be re-measured.
+        every = min(self.explore_max, max(self.explore_every, math.ceil((slow - 1) / self.explore_budget)))
         return best != (b.decisions % every == 0)
 
     def summary(self) -> dict:
