@@ -31,7 +31,29 @@ def test_gate_keeps_the_faster_arm_per_bucket_and_explores():
     # then every 4th decision explores until the slower arm has 20 samples, and every 16th after that
     assert 0 < d1[100:].count(False) <= len(d1[100:]) // 16 + 1
     assert 0 < d8[100:].count(True) <= len(d8[100:]) // 16 + 1
-    assert gate.summary()[1][0] > gate.summary()[1][1] and gate.summary()[8][0] < gate.summary()[8][1]
+    assert gate.summary()["1"][0] > gate.summary()["1"][1] and gate.summary()["8"][0] < gate.summary()["8"][1]
+
+
+def test_greedy_and_sampled_steps_keep_separate_estimates():
+    """Same batch size, T=0 pays (1.6 tokens per step) while T=1 does not (1.1): each keeps its own arm estimates, so
+    sampled traffic does not inherit greedy's acceptance (with one bucket it would speculate until the slow token
+    average caught up)."""
+    gate = SpeculationGate(warmup=4, explore_every=16)
+    greedy = []
+    for _ in range(200):
+        on = gate.speculate(1)
+        gate.record(1, on, 0.10 if on else 0.08, 1.6 if on else 1.0)
+        greedy.append(on)
+    sampled = []
+    for _ in range(100):
+        on = gate.speculate(1, sampled=True)
+        gate.record(1, on, 0.10 if on else 0.08, 1.1 if on else 1.0, sampled=True)
+        sampled.append(on)
+    # sampled: "off" wins after warm-up; "on" is explored every 4th decision until it has `settle` samples (one
+    # shared bucket would still speculate on ~90 % of these steps)
+    assert greedy[100:].count(True) > 85 and sampled[50:].count(True) <= 50 // 4 + 1
+    s = gate.summary()
+    assert set(s) == {"1", "1 sampled"} and s["1"][0] > s["1"][1] and s["1 sampled"][0] < s["1 sampled"][1]
 
 
 def test_gate_follows_a_change_in_acceptance():

@@ -56,6 +56,20 @@ def test_feature_capture_is_the_lm_head_input(tiny):
     assert torch.equal(model.lm_head(f), logits)                          # exact in fp32
 
 
+def test_batched_feature_capture_equals_one_sequence_at_a_time(tiny):
+    """Right-padded batches of odd lengths give each example the states of its own unpadded forward."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(torch.randint(4, 1000, (n,), generator=g), torch.ones(n, dtype=torch.bool))
+           for n in (37, 5, 64, 1, 23)]
+    batched = capture_features(model, exs, dtype=torch.float32, batch_tokens=160)
+    for ex, f in zip(exs, batched):
+        (single,) = capture_features(model, [ex], dtype=torch.float32)
+        assert f.shape == single.shape
+        torch.testing.assert_close(f, single, rtol=1e-5, atol=1e-5)
+
+
 def test_rollout_matches_step_by_step_recompute():
     """Step j of the parallel rollout equals running the head entry by entry (as the draft loop does) from every
     start position, with the true next tokens as draft tokens (fp32)."""

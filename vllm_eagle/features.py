@@ -37,6 +37,7 @@ class FeatureBatch:
     num_drafts: int                   # K for this step
     num_emitted: np.ndarray | None = None   # [num_reqs] int: tokens each row emitted (sampled) this step
     seeded: np.ndarray | None = None  # [num_reqs] bool: rows whose request samples with its own seed
+    sampled: bool = False             # some row samples (T > 0): the gate keeps such steps' estimates apart
     tree_paths: dict[int, np.ndarray] = field(default_factory=dict)
     # rows verified as trees: {row: accepted path [0, a_1, .., a_m]}; committed entry j of such a row takes feature
     # row query_start[r] + a_j (its KV was moved to slot L + j), instead of query_start[r] + j
@@ -80,4 +81,5 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
         token_ids=batch.token_ids_cpu, finished_req_ids=set(scheduler_output.finished_req_ids), num_drafts=num_drafts,
         num_emitted=num_sampled,
         seeded=np.array([i in batch.generators for i in range(n)], dtype=bool),
+        sampled=any(rid not in batch.greedy_reqs for rid in batch.req_ids[:n]),
         tree_paths=tree_paths)

@@ -61,7 +61,8 @@ class EagleProposer:
         self.tree = None if self.options.tree in ("chain", DYNAMIC) else compile_tree(self.options.tree)
         self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
         self.gate = SpeculationGate() if self.options.adaptive else None
-        self._last_decision: tuple[float, bool, frozenset] | None = None   # gate: (call start, drafted?, requests)
+        self._last_decision: tuple[float, bool, frozenset, bool] | None = None   # gate: (call start, drafted?,
+        #                                                                            requests, sampled?)
         self._step_start = 0.0
 
     def load_model(self, target: torch.nn.Module) -> None:
@@ -120,9 +121,9 @@ class EagleProposer:
         if self.gate is not None and self._last_decision is not None and fb.num_emitted is not None:
             # The interval since the previous call measures that call's decision: its drafting + this step, if this
             # step ran the same requests (adapt.SpeculationGate.comparable).
-            start, on, req_ids = self._last_decision
+            start, on, req_ids, sampled = self._last_decision
             if self.gate.comparable(req_ids, fb.req_ids):
-                self.gate.record(len(req_ids), on, t0 - start, float(fb.num_emitted.mean()))
+                self.gate.record(len(req_ids), on, t0 - start, float(fb.num_emitted.mean()), sampled)
         self._last_decision = None
         try:
             self._step_start = t0
@@ -153,8 +154,8 @@ class EagleProposer:
             return out
         gated = False
         if self.gate is not None:
-            gated = not self.gate.speculate(len(fb.req_ids))
-            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids))
+            gated = not self.gate.speculate(len(fb.req_ids), fb.sampled)
+            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids), fb.sampled)
             self.stats.gated_steps += gated
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)

@@ -41,8 +41,10 @@ def self_distill(target: str, prompts: list[str], out_jsonl: str, max_tokens: in
     if not todo:
         return records
     log(f"self-distill: {len(records)} answers on disk, generating {len(todo)} with vLLM (greedy, <= {max_tokens} tokens)")
+    # An explicit KV budget (128 sequences x 512 tokens need ~1.5 GiB for SmolLM2): the CPU backend otherwise
+    # reserves 92 % of the NUMA node and refuses to start while the trainer holds the HF target in memory.
     llm = LLM(model=target, dtype="bfloat16", max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=128,
-              seed=0, enable_prefix_caching=False)
+              seed=0, enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0, n_tokens = time.time(), 0
     try:

@@ -81,11 +81,27 @@ def load_target(target: str):
 
 
 @torch.no_grad()
-def capture_features(model, examples: list[Example], dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-    """Final-norm hidden states (the LM-head input) per example, [T, H] in `dtype` (any HF causal LM)."""
+def capture_features(model, examples: list[Example], dtype: torch.dtype = torch.bfloat16,
+                     batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """Final-norm hidden states (the LM-head input) per example, [T, H] in `dtype` (any HF causal LM).
+
+    Examples run in right-padded batches of similar length (~batch_tokens padded tokens): causal attention with the
+    padding masked leaves every real position's state what an unpadded forward computes (up to kernel shape
+    effects in low precision); one sequence at a time ran at ~210 tok/s on this CPU, batched ~1,800.
+    """
     base = model.get_decoder()
-    return [base(input_ids=ex.tokens[None]).last_hidden_state[0].to(dtype)
-            for ex in progress(examples, len(examples), "features")]
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    groups = batches(list(range(len(examples))), examples, batch_tokens)
+    for idx in progress(groups, len(groups), "features"):
+        lengths = [len(examples[i].tokens) for i in idx]
+        ids = torch.zeros(len(idx), max(lengths), dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for b, (i, n) in enumerate(zip(idx, lengths)):
+            ids[b, :n], att[b, :n] = examples[i].tokens, 1
+        hidden = base(input_ids=ids, attention_mask=att).last_hidden_state          # [B, T, H]
+        for b, (i, n) in enumerate(zip(idx, lengths)):
+            out[i] = hidden[b, :n].to(dtype).clone()
+    return out
 
 
 def batches(order: list[int], examples: list[Example], batch_tokens: int) -> list[list[int]]:
