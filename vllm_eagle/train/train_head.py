@@ -51,7 +51,8 @@ class TrainConfig:
 
 
 PRESETS = {
-    # The shipped SmolLM2 head (continued from a 700-step teacher-forced run with --init; see its model card).
+    # The shipped SmolLM2 head's runs 2 and 3 (each continued the previous run with --init; run 3 with --data-offset
+    # 3200 --conversations 1200 --distill 2400 --steps 1200): see its model card.
     "smollm2-135m": TrainConfig(num_conversations=1500, num_distill=1500, max_len=384, batch_tokens=2048,
                                 steps=900, cls_fraction=0.5),
     "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
