@@ -49,9 +49,10 @@ def test_greedy_and_sampled_steps_keep_separate_estimates():
         on = gate.speculate(1, sampled=True)
         gate.record(1, on, 0.10 if on else 0.08, 1.1 if on else 1.0, sampled=True)
         sampled.append(on)
-    # sampled: "off" wins after warm-up; "on" is explored every 4th decision until it has `settle` samples (one
-    # shared bucket would still speculate on ~90 % of these steps)
-    assert greedy[100:].count(True) > 85 and sampled[50:].count(True) <= 50 // 4 + 1
+    # sampled: "off" wins after warm-up; "on" is explored every 4th decision until it has `settle` samples, then
+    # every 16th: ~22 of 100. One shared bucket keeps greedy's token average, which takes ~60 "on" steps to fall
+    # below "off": ~62 of 100.
+    assert greedy[100:].count(True) > 85 and sampled.count(True) <= 30
     s = gate.summary()
     assert set(s) == {"1", "1 sampled"} and s["1"][0] > s["1"][1] and s["1 sampled"][0] < s["1 sampled"][1]
 
