@@ -4,7 +4,9 @@
 
 Every configuration runs the same prompts in this one process, one engine at a time (the default multiprocess
 topology: worker on core 0, engine core + front end on core 1), after a warm-up, with the median of --reps timed
-repetitions. Rows go to benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
+repetitions. `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against
+that round's vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
+35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
 Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
 length = 1 + accepted/drafts), per-position acceptance, and for ours the cost model: c = one draft depth over one
 vanilla step (a draft forward: one tree depth), v(K) = one verify step (target forward over K+1 tokens per request)
@@ -45,6 +47,7 @@ class Row:
     step_ms: float | None = None
     stage_ms: dict | None = None    # ours: ms per step in draft, mask, tree_attention, accept, kv_commit
     gated_share: float | None = None    # ours: share of steps the load-adaptive gate kept from drafting
+    round: int = 0              # --rounds: which pass over the configurations (-1: the median over rounds)
 
 
 @dataclass
@@ -222,9 +225,9 @@ def environment() -> dict:
 
 
 def fill_cost_model(rows: list[Row], raw: dict) -> None:
-    base = {(r.workload, r.temperature, r.batch_size): r for r in rows if r.config == "vanilla"}
+    base = {(r.workload, r.temperature, r.batch_size, r.round): r for r in rows if r.config == "vanilla"}
     for r in rows:
-        b = base.get((r.workload, r.temperature, r.batch_size))
+        b = base.get((r.workload, r.temperature, r.batch_size, r.round))
         if b is None:
             continue
         r.speedup = round(r.tokens_per_s / b.tokens_per_s, 3)
@@ -232,6 +235,28 @@ def fill_cost_model(rows: list[Row], raw: dict) -> None:
         if r.config.startswith("ours") and b.step_ms and r.step_ms:
             r.draft_cost_c = round(extra["draft_ms"] / (extra["depth"] * b.step_ms), 3)
             r.verify_cost_v = round((r.step_ms - extra["draft_ms"]) / b.step_ms, 3)
+
+
+def combine_rounds(rows: list[Row]) -> list[Row]:
+    """Rows of several rounds -> one row per cell (config, workload, T, batch size), round -1: medians over rounds
+    of every number (speedups: of the per-round ratios); tokens_per_s_reps lists the rounds' tok/s. E.g. vanilla
+    30 / 40 tok/s and ours 33 / 48 in rounds 0 / 1 -> ours 40.5 tok/s, speedup median(1.10, 1.20) = 1.15."""
+    med = lambda xs: None if any(x is None for x in xs) else round(statistics.median(xs), 3)   # noqa: E731
+    cells: dict[tuple, list[Row]] = {}
+    for r in rows:
+        cells.setdefault((r.config, r.workload, r.temperature, r.batch_size), []).append(r)
+    out = []
+    for rs in cells.values():
+        r0 = rs[0]
+        per_pos = None if r0.per_position_acceptance is None else [
+            med(list(p)) for p in zip(*(r.per_position_acceptance for r in rs))]
+        stage = None if r0.stage_ms is None else {k: med([r.stage_ms[k] for r in rs]) for k in r0.stage_ms}
+        out.append(Row(r0.config, r0.workload, r0.temperature, r0.batch_size, r0.num_prompts, r0.max_tokens,
+                       med([r.tokens_per_s for r in rs]), [r.tokens_per_s for r in rs],
+                       med([r.speedup for r in rs]), med([r.tau for r in rs]), per_pos,
+                       med([r.draft_cost_c for r in rs]), med([r.verify_cost_v for r in rs]),
+                       med([r.step_ms for r in rs]), stage, med([r.gated_share for r in rs]), round=-1))
+    return out
 
 
 def markdown(rows: list[Row], env: dict, cmd: str) -> str:
@@ -248,8 +273,12 @@ def markdown(rows: list[Row], env: dict, cmd: str) -> str:
         f"{fmt(r.gated_share, '.0%')} |\n" for r in rows)
     return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
             f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
-            "tok/s = median of the timed repetitions; speedup vs vanilla (run first) in the same run; vanilla-end = "
-            "vanilla run again last (its speedup = the machine's drift during the run).\n\n" + head + body)
+            + ("tok/s = median of the timed repetitions; speedup vs vanilla (run first) in the same run; "
+               if rows and rows[0].round >= 0 else
+               "tok/s = median over rounds of each round's median repetition; speedup = median over rounds of the "
+               "ratio to that round's vanilla (run first in each round); ")
+            + "vanilla-end = vanilla run again last (its speedup = the machine's drift during a round).\n\n"
+            + head + body)
 
 
 def plots(rows: list[Row], stem: str) -> list[str]:
@@ -289,11 +318,14 @@ def plots(rows: list[Row], stem: str) -> list[str]:
 
 
 def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row], srows: list) -> str:
-    """Write STEM.json (raw rows) and STEM.md (the table); returns the markdown."""
+    """Write STEM.json (raw rows; with several rounds also the per-cell medians) and STEM.md (the table, of the
+    medians when there are several rounds); returns the markdown."""
+    combined = combine_rounds(rows) if len({r.round for r in rows}) > 1 else []
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "command": cmd, "target": target, "head": head,
-                   "rows": [asdict(r) for r in rows], "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
-    md = markdown(rows, env, cmd) + (serve_markdown(srows) if srows else "")
+                   "rows": [asdict(r) for r in rows], "combined_rows": [asdict(r) for r in combined],
+                   "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
+    md = markdown(combined or rows, env, cmd) + (serve_markdown(srows) if srows else "")
     with open(stem + ".md", "w") as f:
         f.write(md)
     return md
@@ -319,6 +351,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, --min-prompts)")
     p.add_argument("--min-prompts", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over all configurations; speedups against each round's own vanilla, medians shown")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--serve-concurrency", nargs="*", type=int, default=[1, 4, 16],
@@ -339,8 +373,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
-    for cfg in configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed):
-        print(f"[bench] {cfg.name}", flush=True)
+    for rnd, cfg in [(r, c) for r in range(a.rounds) for c in configs(head, a.ks, a.configs, a.trees, dynamic,
+                                                                        a.fixed)]:
+        print(f"[bench] {cfg.name}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""), flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)
         from vllm import SamplingParams
@@ -354,7 +389,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                               m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),
                               per_position_acceptance=m.get("per_position_acceptance"),
                               step_ms=m.get("step_ms") and round(m["step_ms"], 2), stage_ms=m.get("stage_ms"),
-                              gated_share=m.get("gated_share"))
+                              gated_share=m.get("gated_share"), round=rnd)
                     raw[id(row)] = m
                     rows.append(row)
                     print(f"[bench]   {wl} T={temp:g} bs={bs}: {row.tokens_per_s:.1f} tok/s"
@@ -370,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sprompts = chat_prompts(_Tok.from_pretrained(target), [q["turns"][0] for q in mtbench_questions()])
         srows = serve_rows(target, head, a.ks[0], a.serve_concurrency, sprompts, a.max_tokens, a.dtype, a.out)
     md = save(stem, env, cmd, target, head, rows, srows)
-    pngs = plots(rows, stem)
+    pngs = plots(combine_rounds(rows) if a.rounds > 1 else rows, stem)
     print(md)
     print(f"[bench] wrote {stem}.json, {stem}.md, " + ", ".join(pngs))
     return rows

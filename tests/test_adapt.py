@@ -108,7 +108,7 @@ def test_steps_without_drafts_sample_through_vanillas_sampler(tiny, tiny_random_
     calls = []
     forward = RejectionSampler.forward
     monkeypatch.setattr(RejectionSampler, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
-    monkeypatch.setattr(SpeculationGate, "speculate", lambda self, num_reqs: False)
+    monkeypatch.setattr(SpeculationGate, "speculate", lambda self, num_reqs, sampled=False: False)
     got, _ = generate_ids(tiny, prompts, params, vllm_eagle.speculative_kwargs(tiny_random_head))
     assert got == want
     assert calls == []

@@ -2,7 +2,7 @@
 import json
 import os
 
-from benchmarks.run import Row, main
+from benchmarks.run import Row, combine_rounds, fill_cost_model, main
 
 
 def test_harness_rows_are_well_formed(oracle, tmp_path):
@@ -47,3 +47,19 @@ def test_kernel_microbenchmarks_run_on_the_shared_references():
     rows = kernels_main(["--reps", "1"])
     assert {r["kernel"] for r in rows} == {"build_tree_masks", "tree_accept", "gather_kv"}
     assert all(r["reference_us"] > 0 and r["wrapper_us"] > 0 for r in rows)
+
+
+def test_rounds_pair_each_speedup_with_its_own_rounds_vanilla():
+    """--rounds: the machine drifts between rounds; speedups are per-round ratios, the table their median."""
+    def row(cfg, rnd, tps, tau=None):
+        return Row(cfg, "mtbench", 0.0, 1, 4, 96, tps, [tps], tau=tau,
+                   per_position_acceptance=None if tau is None else [tau - 1], round=rnd)
+    rows = [row("vanilla", 0, 30.0), row("ours-chain-k3", 0, 33.0, 1.6),
+            row("vanilla", 1, 40.0), row("ours-chain-k3", 1, 48.0, 1.8),
+            row("vanilla", 2, 50.0), row("ours-chain-k3", 2, 57.5, 1.7)]
+    fill_cost_model(rows, {})
+    assert [r.speedup for r in rows] == [1.0, 1.1, 1.0, 1.2, 1.0, 1.15]
+    van, ours = combine_rounds(rows)
+    assert (van.config, van.speedup, van.tokens_per_s_reps, van.round) == ("vanilla", 1.0, [30.0, 40.0, 50.0], -1)
+    # median of the paired ratios (1.15), not the ratio of medians (48 / 40 = 1.2)
+    assert (ours.tokens_per_s, ours.speedup, ours.tau, ours.per_position_acceptance) == (48.0, 1.15, 1.7, [0.7])
