@@ -6,7 +6,8 @@ Every configuration runs the same prompts in this one process, one engine at a t
 topology: worker on core 0, engine core + front end on core 1), after a warm-up, with the median of --reps timed
 repetitions. `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against
 that round's vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
-35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
+35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to
+benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
 Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
 length = 1 + accepted/drafts), per-position acceptance, and for ours the cost model: c = one draft depth over one
 vanilla step (a draft forward: one tree depth), v(K) = one verify step (target forward over K+1 tokens per request)
@@ -259,6 +260,11 @@ def combine_rounds(rows: list[Row]) -> list[Row]:
     return out
 
 
+def shown_rows(rows: list[Row]) -> list[Row]:
+    """What the table and plots show: the rows, or their medians over rounds when there are several rounds."""
+    return combine_rounds(rows) if len({r.round for r in rows}) > 1 else rows
+
+
 def markdown(rows: list[Row], env: dict, cmd: str) -> str:
     head = ("| workload | T | bs | config | tok/s | speedup | τ | per-position acceptance | c | v(K) | step ms | "
             "ours: draft / mask / tree attn / accept / KV commit ms per step | gated |\n"
@@ -320,12 +326,12 @@ def plots(rows: list[Row], stem: str) -> list[str]:
 def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row], srows: list) -> str:
     """Write STEM.json (raw rows; with several rounds also the per-cell medians) and STEM.md (the table, of the
     medians when there are several rounds); returns the markdown."""
-    combined = combine_rounds(rows) if len({r.round for r in rows}) > 1 else []
+    shown = shown_rows(rows)
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "command": cmd, "target": target, "head": head,
-                   "rows": [asdict(r) for r in rows], "combined_rows": [asdict(r) for r in combined],
+                   "rows": [asdict(r) for r in rows], "combined_rows": [asdict(r) for r in shown if r.round == -1],
                    "serve_rows": [asdict(r) for r in srows]}, f, indent=1)
-    md = markdown(combined or rows, env, cmd) + (serve_markdown(srows) if srows else "")
+    md = markdown(shown, env, cmd) + (serve_markdown(srows) if srows else "")
     with open(stem + ".md", "w") as f:
         f.write(md)
     return md
@@ -373,8 +379,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
-    for rnd, cfg in [(r, c) for r in range(a.rounds) for c in configs(head, a.ks, a.configs, a.trees, dynamic,
-                                                                        a.fixed)]:
+    cfgs = configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed)
+    for rnd, cfg in [(r, c) for r in range(a.rounds) for c in cfgs]:
         print(f"[bench] {cfg.name}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""), flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=max(a.batch_sizes), seed=0, **cfg.spec)
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sprompts = chat_prompts(_Tok.from_pretrained(target), [q["turns"][0] for q in mtbench_questions()])
         srows = serve_rows(target, head, a.ks[0], a.serve_concurrency, sprompts, a.max_tokens, a.dtype, a.out)
     md = save(stem, env, cmd, target, head, rows, srows)
-    pngs = plots(combine_rounds(rows) if a.rounds > 1 else rows, stem)
+    pngs = plots(shown_rows(rows), stem)
     print(md)
     print(f"[bench] wrote {stem}.json, {stem}.md, " + ", ".join(pngs))
     return rows
