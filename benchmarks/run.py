@@ -3,8 +3,8 @@
     python -m benchmarks.run [--quick] [--batch-sizes 1 8] [--workloads mtbench humaneval sharegpt] ...
 
 Every configuration runs the same prompts in this one process, one engine at a time (the default multiprocess
-topology: worker on core 0, engine core + front end on core 1), after a warm-up, with the median of --reps timed
-repetitions. `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against
+topology: worker on core 0, engine core + front end on core 1), each cell after an untimed 32-token pass of its first
+batch (shapes, the gate's learning), with the median of --reps timed repetitions. `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against
 that round's vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
 35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to
 benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
@@ -127,6 +127,10 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
     from vllm import SamplingParams
     sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)   # unseeded (adapt.py)
     chunks = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+    # Untimed warm-up of this cell: first-time shapes and the gate's learning for this batch size and temperature
+    # are paid here, as a long-running server pays them once (in one 100-step batch they cost trees half its speed).
+    llm.generate(chunks[0], SamplingParams(temperature=temperature, max_tokens=min(32, max_tokens), ignore_eos=True),
+                 use_tqdm=False)
     rates, before = [], spec_counters(llm)
     eagle_before = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0] if cfg.name.startswith("ours") else {}
     wall = 0.0

@@ -27,8 +27,10 @@ def test_gate_keeps_the_faster_arm_per_bucket_and_explores():
     d1 = decisions(gate, 1, 200, on_s=0.10, off_s=0.08, tokens_on=1.6)
     # batch 8: 1.5 tokens in 0.20 s vs 1 in 0.085 s -> off (7.5 vs 11.8)
     d8 = decisions(gate, 8, 200, on_s=0.20, off_s=0.085, tokens_on=1.5)
-    assert d1[:8].count(True) == 4 and d8[:8].count(True) == 4          # warm-up measures both arms alternately
-    # then every 4th decision explores until the slower arm has 20 samples, and every 16th after that
+    assert d1[:8].count(True) == 4                      # warm-up measures both arms alternately
+    # batch 8: after 3 samples each, "on" is 1.57x slower (>= apart 1.5): warm-up ends early, "off" from then on
+    assert d8[:6] == [True, False] * 3 and d8[6:8] == [False, False]
+    # batch 1: every 4th decision explores until the slower arm has 20 samples, and every 16th after that
     assert 0 < d1[100:].count(False) <= len(d1[100:]) // 16 + 1
     assert 0 < d8[100:].count(True) <= len(d8[100:]) // 16 + 1
     assert gate.summary()["1"][0] > gate.summary()["1"][1] and gate.summary()["8"][0] < gate.summary()["8"][1]
@@ -55,6 +57,17 @@ def test_greedy_and_sampled_steps_keep_separate_estimates():
     assert greedy[100:].count(True) > 85 and sampled.count(True) <= 30
     s = gate.summary()
     assert set(s) == {"1", "1 sampled"} and s["1"][0] > s["1"][1] and s["1 sampled"][0] < s["1 sampled"][1]
+
+
+def test_arms_clearly_apart_skip_the_rest_of_warm_up_and_settling():
+    """Batch 8, static tree: a drafted step costs ~5 plain steps (142 vs 29 ms) for 1.85 tokens per request, "on" is
+    2.6x slower. After 3 samples per arm the gate stops exploring it every other or every 4th step (warm-up 8 +
+    settle 20 would draft ~21 of the first 100 steps) and explores only as the budget allows (every 55th)."""
+    gate = SpeculationGate()
+    d = decisions(gate, 8, 100, on_s=0.142, off_s=0.029, tokens_on=1.85)
+    assert d[:6] == [True, False] * 3 and 1 <= d[6:].count(True) <= 3
+    close = decisions(SpeculationGate(), 8, 100, on_s=0.035, off_s=0.029, tokens_on=1.0)   # 1.2x: not clearly apart
+    assert close[:16].count(True) == 8 and close[16:].count(True) >= 5                  # full warm-up, then settling
 
 
 def test_gate_follows_a_change_in_acceptance():
