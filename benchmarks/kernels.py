@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def gather_rows(reps: int) -> list[dict]:
-    """The tree-attention prefix gather: SmolLM2's per-layer cache shape (3 KV heads, head 64), 300 prefix tokens."""
+    """The tree-attention prefix gather: SmolLM2's per-layer cache shape (3 KV heads, head 64), 8 requests (a batch-8
+    tree step) of 300 prefix tokens each."""
     from vllm.platforms import current_platform
     from vllm_eagle import kv_layout
     current_platform.import_kernels()
@@ -77,8 +78,8 @@ def gather_rows(reps: int) -> list[dict]:
     for dtype, isa in ((torch.bfloat16, "amx"), (torch.float32, "vec")):
         for bs in (32, 128):
             kv = torch.randn(200, 3, bs, 128).to(dtype)
-            table = torch.randperm(200)[:40].int()
-            fast = lambda: kv_layout.gather_kv(kv, table, 300, isa, extra=9, dtype=torch.float32)   # noqa: E731
+            table = torch.randperm(200)[:8 * -(-300 // bs)].view(8, -1).int()       # [8 requests, blocks of 300]
+            fast = lambda: kv_layout.gather_kv(kv, table, isa, dtype=torch.float32)   # noqa: E731
             strided = timed(fast, reps)
             layout = kv_layout.page_strides
             kv_layout.page_strides = lambda *a: None                  # force the element-wise fallback
@@ -86,7 +87,7 @@ def gather_rows(reps: int) -> list[dict]:
                 element = timed(fast, reps)
             finally:
                 kv_layout.page_strides = layout
-            rows.append({"kernel": "gather_kv", "shape": f"{dtype} {isa} block {bs}, L=300",
+            rows.append({"kernel": "gather_kv", "shape": f"{dtype} {isa} block {bs}, 8 x L=300",
                          "reference_us": element, "wrapper_us": strided})
     return rows
 

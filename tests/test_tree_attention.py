@@ -13,7 +13,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm_eagle import kv_layout
 from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
 from vllm_eagle.tree import chain, compile_tree
-from vllm_eagle.tree_attention import TreeCPUAttentionBackend, TreeCPUAttentionImpl, register_tree_attention
+from vllm_eagle.tree_attention import (TreeCPUAttentionBackend, TreeCPUAttentionImpl, plan_tree_attention,
+                                      register_tree_attention)
 from vllm_eagle.verify import TreeRow, TreeStep
 
 BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 12     # odd head counts: 3 query heads per KV head
@@ -89,9 +90,10 @@ def _tree_row(buf, req_index, start, prefix_len):
 
 
 def gathered(kv_cache, block_row, length, isa):
-    """gather_kv's prefix columns as [length, num_kv_heads, head_size] (the kernel writer's layout)."""
-    k, v = gather_kv(kv_cache, block_row, length, isa)
-    return k[:, :length].transpose(0, 1), v[:, :length].transpose(0, 1)
+    """gather_kv's first `length` columns of one request as [length, num_kv_heads, head_size] (the kernel writer's
+    layout)."""
+    k, v = gather_kv(kv_cache, block_row[None, : -(-length // BLOCK)], isa)
+    return k[0, :, :length].transpose(0, 1), v[0, :, :length].transpose(0, 1)
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["strided-view", "element-gather"])
@@ -103,13 +105,16 @@ def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatc
         monkeypatch.setattr(kv_layout, "page_strides", lambda *a: None)
     seqs = [_seq(n, dtype) for n in (45 + 6, 1 + 6, 30 + 4, 64)]    # mid-block, one token, block-crossing, full
     kv_cache, block_table, _ = _paged(seqs, dtype, isa)
+    # all requests at once, as the tree rows of one step: 2 blocks each, the one-block request reads its block twice
+    blocks = torch.stack([block_table[r, torch.tensor([0, 1]).clamp(max=-(-len(k) // BLOCK) - 1)]
+                          for r, (k, _) in enumerate(seqs)])                # [4, 2]
+    got_k, got_v = gather_kv(kv_cache, blocks, isa, dtype=torch.float32)
+    assert got_k.shape == got_v.shape == (4, H_KV, 2 * BLOCK, D) and got_k.dtype == torch.float32
     for r, (k, v) in enumerate(seqs):
-        for length in (len(k), 1):
-            got_k, got_v = gather_kv(kv_cache, block_table[r], length, isa, extra=3, dtype=torch.float32)
-            P = -(-length // BLOCK) * BLOCK
-            assert got_k.shape == got_v.shape == (H_KV, P + 3, D) and got_k.dtype == torch.float32
-            assert torch.equal(got_k[:, :length], k[:length].transpose(0, 1).float()), (r, length)
-            assert torch.equal(got_v[:, :length], v[:length].transpose(0, 1).float()), (r, length)
+        assert torch.equal(got_k[r, :, :len(k)], k.transpose(0, 1).float()), r
+        assert torch.equal(got_v[r, :, :len(k)], v.transpose(0, 1).float()), r
+        assert torch.equal(gathered(kv_cache, block_table[r], 1, isa)[0], k[:1]), r
+    assert torch.equal(got_k[1, :, BLOCK: BLOCK + 7], got_k[1, :, :7])        # the repeated block
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)
@@ -151,6 +156,23 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
     node2 = rows[2].start + 2     # L = 1, parent 0: the causal kernel also let it see its sibling node 1
     assert (got[node2].float() - kernel[node2].float()).abs().max() > 10 * tol
+
+
+def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
+    """The worked example of plan_tree_attention: block 32, rows (start 0, L 45, 6 nodes) and (start 9, L 1, 4)."""
+    big, small = compile_tree(TREE), chain(3)
+    rows = [_tree_row(big, 0, 0, 45), _tree_row(small, 1, 9, 1)]
+    block_table = torch.tensor([[7, 3, 0], [5, 0, 0]], dtype=torch.int32)
+    plan = plan_tree_attention(rows, block_table, BLOCK)
+    assert plan.blocks.tolist() == [[7, 3], [5, 5]]
+    assert plan.query_rows.tolist() == [[0, 1, 2, 3, 4, 5], [9, 10, 11, 12, 12, 12]]
+    assert plan.valid.tolist() == [True] * 6 + [True] * 4 + [False] * 2
+    assert plan.out_rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 12]
+    assert plan.mask.shape == (2, 1, 6, 64 + 6)
+    m = plan.mask[:, 0].int()
+    assert m[0, :, :45].all() and not m[0, :, 45:64].any() and m[1, :, :1].all() and not m[1, :, 1:64].any()
+    assert torch.equal(m[0, :, 64:].bool(), rows[0].ancestors)
+    assert m[1, :, 64:].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]] + [[1, 1, 1, 1, 0, 0]] * 3
 
 
 def test_tree_refuses_unsupported_features(monkeypatch):

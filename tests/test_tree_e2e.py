@@ -109,8 +109,8 @@ def _committed_kv(worker) -> tuple[int, list[torch.Tensor]]:
     out = []
     for name in runner.kv_cache_config.kv_cache_groups[0].layer_names:
         layer = runner.compilation_config.static_forward_context[name]
-        k, v = gather_kv(layer.kv_cache, row, L, layer.isa)
-        out += [k[:, :L].clone(), v[:, :L].clone()]
+        k, v = gather_kv(layer.kv_cache, row[None, : -(-L // layer.kv_cache.shape[2])], layer.isa)
+        out += [k[0, :, :L].clone(), v[0, :, :L].clone()]
     return L, out
 
 

@@ -38,7 +38,7 @@ def register() -> None:
     patches.apply()
 
 
-def speculative_kwargs(head: str, num_speculative_tokens: int = 3, tree: str = "chain", **kw) -> dict:
+def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tree: str = "chain", **kw) -> dict:
     from .config import speculative_kwargs as _kwargs
     return _kwargs(head, num_speculative_tokens, tree, **kw)
 

@@ -28,7 +28,7 @@ def generate(argv: list[str]) -> None:
     p.add_argument("--target", help="HF model folder (default: SmolLM2-135M-Instruct, prepared on first use)")
     p.add_argument("--head", help="EAGLE-1 head folder (default: the head shipped for SmolLM2)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=None,
-                   help="draft tokens per step (chain default 3; dynamic trees: total_tokens, default 8)")
+                   help="draft tokens per step (chain default 2; dynamic trees: total_tokens, default 8)")
     p.add_argument("--tree", default="chain", help="chain, path tuples \"[(0,), (1,), (0, 0)]\", or dynamic")
     p.add_argument("--depth", type=int, default=4, help="dynamic trees: draft forwards per step")
     p.add_argument("--top-k", type=int, default=4, help="dynamic trees: children per expanded node")

@@ -14,6 +14,9 @@ CONFIG_KEY = "vllm_eagle"                        # our entry in vLLM's --additio
 DYNAMIC = "dynamic"
 # EAGLE-2 dynamic tree defaults on this CPU: verify cost grows with tree nodes (v(N)), so the budget stays small.
 DYNAMIC_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 8}
+# With the shipped head, K=2 is the fastest chain on this CPU: 1.16x vanilla at batch 1 vs 1.06x at K=3
+# (benchmarks/results/2026-12-02-d039c83.md, 3 paired rounds).
+CHAIN_DEFAULT_K = 2
 MAX_DYNAMIC_TOP_K = 16
 
 
@@ -99,7 +102,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
                        k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
-    tree: "chain" (K = num_speculative_tokens, default 3), path tuples (K = its nodes) or "dynamic" (EAGLE-2: `depth`
+    tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic" (EAGLE-2: `depth`
     draft forwards, `top_k` children per expanded node and nodes expanded per depth, `total_tokens` draft nodes kept,
     default 8; num_speculative_tokens is an alias of total_tokens there).
     Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
@@ -123,7 +126,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             num_speculative_tokens = compile_tree(tree).num_nodes - 1
         except TreeSpecError as e:
             raise EagleOptionError(f"tree: {e}") from None
-    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=3 if num_speculative_tokens is None else num_speculative_tokens,
+    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens,
                         tree=tree,
                         depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab,
                         adaptive=adaptive)

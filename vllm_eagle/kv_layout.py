@@ -108,41 +108,36 @@ def page_strides(dtype: torch.dtype, block_size: int, head_size: int, isa: str):
     return out
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int, isa: str, extra: int = 0,
+def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, isa: str,
               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one request's first `length` tokens, laid out for attention, in whole blocks.
+    """K and V of whole blocks, per request, laid out for attention.
 
-    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; block_table_row: [max_blocks] int32.
-    -> k, v [num_kv_heads, P + extra, head_size] in `dtype` (default: the cache's), P = length rounded up to whole
-       blocks: columns < length hold the tokens, length..P-1 the rest of the last block (padding: mask it out),
-       P.. are left uninitialised for the caller. E.g. block_size 32, row [5, 2, ...], length 40, extra 3: P = 64,
-       columns 0..31 from block 5, 32..39 from block 2, 40..63 padding, 64..66 the caller's.
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; blocks: [R, NB] int, each row a request's blocks
+    in order (pad a short row with any valid block and mask those columns out).
+    -> k, v [R, num_kv_heads, NB * block_size, head_size] in `dtype` (default: the cache's): column j of row r is the
+       token at offset j % block_size of block blocks[r, j // block_size]. E.g. block_size 32, row [5, 2]: columns
+       0..31 from block 5, 32..63 from block 2; a request of 40 tokens uses columns 0..39.
     Fast path: K and V are strided views of the cache ([num_blocks, heads, offset digits.., dim digits..]), so one
-    copy of the request's pages and one permuting, converting copy lay them out; otherwise an element-wise gather
-    through the position map."""
+    gather of the pages and one permuting copy lay them out; otherwise an element-wise gather through the position
+    map."""
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
-    hs, nb = two_hs // 2, -(-length // block_size)
-    P = nb * block_size
-    k_out, v_out = (torch.empty(num_kv_heads, P + extra, hs, dtype=dtype or kv_cache.dtype) for _ in range(2))
+    hs, (R, nb) = two_hs // 2, blocks.shape
+    blocks = blocks.long()
     layout = page_strides(kv_cache.dtype, block_size, hs, isa)
     if layout is None or kv_cache.stride(3) != 1 or kv_cache.stride(2) != two_hs:
-        token = torch.arange(length, device=kv_cache.device)
-        slots = block_table_row[token // block_size].long() * block_size + token % block_size
-        kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]  # [length, heads, 2 * hs]
-        k_out[:, :length] = kv[..., :hs].transpose(0, 1)
-        v_out[:, :length] = kv[..., hs:].transpose(0, 1)
-        return k_out, v_out
-    blocks = block_table_row[:nb].long()
-    same = k_out.dtype == kv_cache.dtype
-    for out, (base, sizes, strides) in zip((k_out, v_out), layout):
+        slots = (blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
+        kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]   # [R*P, heads, 2 * hs]
+        kv = kv.view(R, nb * block_size, num_kv_heads, two_hs).transpose(1, 2).to(dtype or kv_cache.dtype)
+        return kv[..., :hs], kv[..., hs:]
+    out = []
+    for base, sizes, strides in layout:
         pages = kv_cache.as_strided([num_blocks, num_kv_heads, *sizes], [*kv_cache.stride()[:2], *strides],
-                                    kv_cache.storage_offset() + base)[blocks]          # [nb, heads, *digits]
+                                    kv_cache.storage_offset() + base)[blocks]          # [R, nb, heads, *digits]
         # permute in the cache's dtype, then convert contiguously (a converting permute is several times slower)
-        dst = out[:, :P] if same else torch.empty(num_kv_heads, P, hs, dtype=kv_cache.dtype)
-        dst.view(num_kv_heads, nb, *sizes).copy_(pages.transpose(0, 1))
-        if not same:
-            out[:, :P] = dst
-    return k_out, v_out
+        dst = torch.empty(R, num_kv_heads, nb, *sizes, dtype=kv_cache.dtype)
+        dst.copy_(pages.transpose(1, 2))
+        out.append(dst.view(R, num_kv_heads, nb * block_size, hs).to(dtype or kv_cache.dtype))
+    return out[0], out[1]
 
 
 def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, isa: str) -> None:

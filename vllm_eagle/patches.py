@@ -81,7 +81,7 @@ def add_eagle_args(parser) -> None:
     g.add_argument("--speculative-model", default=None, metavar="HEAD",
                    help="EAGLE-1 head folder; turns on vllm-eagle speculation")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
-                   help="draft tokens per step (K; chain default 3; for --eagle-tree dynamic: total_tokens, default 8)")
+                   help="draft tokens per step (K; chain default 2; for --eagle-tree dynamic: total_tokens, default 8)")
     g.add_argument("--eagle-tree", default="chain", metavar="TREE",
                    help="draft shape: chain, path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes), or "
                         "dynamic (EAGLE-2 trees grown per request by draft confidence)")

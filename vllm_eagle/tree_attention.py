@@ -1,14 +1,17 @@
 """Tree attention on vLLM's CPU backend: the stock kernel for every row, then exact recomputation of the tree rows.
 
 vLLM's CPU kernel only knows causal masks, under which tree node i would see every node before it in BFS order,
-siblings included. So after the kernel has run, each TreeRow's rows are recomputed with torch SDPA in fp32 over the
-request's prefix (gathered from the paged cache in whole blocks, kv_layout.py) plus the tree's own K/V (this step's
-`key`/`value`), masked by row.ancestors. Cost: one extra attention over prefix + tree for tree requests only; chains and other
-requests keep the kernel's output untouched. See verify.py for the layout of a tree step.
+siblings included. So after the kernel has run, the tree rows of all TreeRows are recomputed together, one torch SDPA
+(fp32) per layer over each request's prefix (gathered from the paged cache in whole blocks, kv_layout.py) plus the
+tree's own K/V (this step's `key`/`value`), masked by the ancestors. Rows are padded to the step's largest tree and
+prefix; what the layers share (pages, query rows, mask) is planned once per step. Cost: one extra attention over
+prefix + tree for tree requests only; chains and other requests keep the kernel's output untouched. See verify.py
+for the layout of a tree step.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata)
 
 from .kv_layout import gather_kv
-from .verify import TreeStep
+from .verify import TreeRow, TreeStep
 
 _BACKEND_PATH = "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
 
@@ -44,22 +47,18 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         self._check_tree_supported()
         super().forward(*args)                  # every row, tree rows causally: overwritten below
         t0 = time.perf_counter()
+        plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2])     # the same for every layer here
+        if plan_key not in tree.plans:
+            tree.plans[plan_key] = plan_tree_attention(tree.rows, attn_metadata.block_table, kv_cache.shape[2])
+        plan = tree.plans[plan_key]
+        k, v = gather_kv(kv_cache, plan.blocks, layer.isa, dtype=torch.float32)    # [R, num_kv_heads, P, head_size]
+        q_rows = plan.query_rows                                                 # [R, N]
+        k = torch.cat([k, key[q_rows].transpose(1, 2).float()], dim=2)           # [R, num_kv_heads, P + N, head_size]
+        v = torch.cat([v, value[q_rows].transpose(1, 2).float()], dim=2)
+        o = F.scaled_dot_product_attention(query[q_rows].transpose(1, 2).float(), k, v, attn_mask=plan.mask,
+                                           scale=self.scale, enable_gqa=True)    # [R, num_heads, N, head_size]
         out = output.view(-1, self.num_heads, self.head_size)
-        for row in tree.rows:
-            s, n, L = row.start, row.num_nodes, row.prefix_len
-            # E.g. L = 45, n = 6, block 32: columns 0..44 prefix (cache), 45..63 padding, 64..69 tree nodes 0..5 (this
-            # step's key rows s..s+5)
-            k, v = gather_kv(kv_cache, attn_metadata.block_table[row.req_index], L, layer.isa, extra=n,
-                             dtype=torch.float32)                               # [num_kv_heads, P + n, head_size]
-            P = k.shape[1] - n
-            k[:, P:] = key[s:s + n].transpose(0, 1)
-            v[:, P:] = value[s:s + n].transpose(0, 1)
-            mask = row.ancestors.new_zeros(n, P + n)                            # [n, P + n] bool, True = attend
-            mask[:, :L] = True
-            mask[:, P:] = row.ancestors
-            o = F.scaled_dot_product_attention(query[s:s + n].float().transpose(0, 1), k, v, attn_mask=mask,
-                                               scale=self.scale, enable_gqa=True)  # [num_heads, n, head_size]
-            out[s:s + n] = o.transpose(0, 1).to(out.dtype)
+        out[plan.out_rows] = o.transpose(1, 2).flatten(0, 1)[plan.valid].to(out.dtype)
         tree.attention_s += time.perf_counter() - t0
         return output
 
@@ -76,6 +75,37 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if unsupported:
             raise NotImplementedError(f"vllm-eagle tree verification does not support {', '.join(unsupported)}; "
                                       "use a chain tree (the default) for this model")
+
+
+@dataclass
+class TreeAttentionPlan:
+    """What every layer of one tree step shares. R tree rows, padded to N nodes and NB prefix blocks (P = NB *
+    block_size prefix columns, then N node columns)."""
+    blocks: torch.Tensor        # [R, NB] int64: row r's prefix blocks (a shorter prefix repeats its last block)
+    query_rows: torch.Tensor    # [R, N] int64: step row of node i (padding repeats the last node)
+    mask: torch.Tensor          # [R, 1, N, P + N] bool, True = attend: prefix columns < L, then the node's ancestors
+    valid: torch.Tensor         # [R * N] bool: real nodes, not padding
+    out_rows: torch.Tensor      # [num valid] int64: their step rows
+
+
+def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_size: int) -> TreeAttentionPlan:
+    """block_table: [num_reqs, max_blocks] int32 (the attention metadata's).
+
+    E.g. block 32, rows (start 0, L 45, 6 nodes) and (start 9, L 1, 4 nodes): NB = 2, N = 6, P = 64; row 1 reads
+    its block twice with prefix column 0 alone unmasked, its query rows are [9, 10, 11, 12, 12, 12] and its nodes 4
+    and 5 are padding (valid False); node columns 64..69 hold each row's node K/V, padding columns masked out."""
+    N = max(r.num_nodes for r in rows)
+    nbs = [max(1, -(-r.prefix_len // block_size)) for r in rows]
+    NB, col, node = max(nbs), torch.arange(max(nbs)), torch.arange(N)
+    P = NB * block_size
+    blocks = torch.stack([block_table[r.req_index, col.clamp(max=nb - 1)] for r, nb in zip(rows, nbs)]).long()
+    query_rows = torch.stack([r.start + node.clamp(max=r.num_nodes - 1) for r in rows])
+    mask = torch.zeros(len(rows), 1, N, P + N, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        mask[b, 0, :, : r.prefix_len] = True
+        mask[b, 0, :, P: P + r.num_nodes] = r.ancestors[node.clamp(max=r.num_nodes - 1)]
+    valid = torch.stack([node < r.num_nodes for r in rows]).flatten()
+    return TreeAttentionPlan(blocks, query_rows, mask, valid, query_rows.flatten()[valid])
 
 
 class TreeCPUAttentionBackend(CPUAttentionBackend):

@@ -8,7 +8,7 @@ Requests whose drafts form a chain need none of this: vLLM's causal kernel alrea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class TreeStep:
     rows: list[TreeRow]
     pos_delta: torch.Tensor     # [num_scheduled_tokens] int64: slot offset minus depth of each query row (0 off-tree)
     attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers)
+    plans: dict = field(default_factory=dict)   # tree_attention.TreeAttentionPlan per (block table, block size)
 
 
 def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec: dict, trees: dict,
