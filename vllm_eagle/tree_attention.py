@@ -11,7 +11,7 @@ for the layout of a tree step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +51,18 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if plan_key not in tree.plans:
             tree.plans[plan_key] = plan_tree_attention(tree.rows, attn_metadata.block_table, kv_cache.shape[2])
         plan = tree.plans[plan_key]
+        (R, N), G = plan.query_rows.shape, self.num_heads // self.num_kv_heads
         k, v = gather_kv(kv_cache, plan.blocks, layer.isa, dtype=torch.float32)    # [R, num_kv_heads, P, head_size]
-        q_rows = plan.query_rows                                                 # [R, N]
-        k = torch.cat([k, key[q_rows].transpose(1, 2).float()], dim=2)           # [R, num_kv_heads, P + N, head_size]
-        v = torch.cat([v, value[q_rows].transpose(1, 2).float()], dim=2)
-        o = F.scaled_dot_product_attention(query[q_rows].transpose(1, 2).float(), k, v, attn_mask=plan.mask,
-                                           scale=self.scale, enable_gqa=True)    # [R, num_heads, N, head_size]
+        k = torch.cat([k, key[plan.query_rows].transpose(1, 2).float()], dim=2)  # [R, num_kv_heads, P + N, head_size]
+        v = torch.cat([v, value[plan.query_rows].transpose(1, 2).float()], dim=2)
+        # Query head h reads KV head h // G: fold each KV head's G query heads into its rows (plain multi-head
+        # attention over num_kv_heads, G * N rows, no K/V expansion: 2x faster than enable_gqa here).
+        q = query[plan.query_rows].view(R, N, self.num_kv_heads, G, self.head_size).permute(0, 2, 3, 1, 4)
+        q = q.reshape(R, self.num_kv_heads, G * N, self.head_size).float()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias(G), scale=self.scale)
+        o = o.view(R, self.num_kv_heads, G, N, self.head_size).permute(0, 3, 1, 2, 4)   # [R, N, kv heads, G, hs]
         out = output.view(-1, self.num_heads, self.head_size)
-        out[plan.out_rows] = o.transpose(1, 2).flatten(0, 1)[plan.valid].to(out.dtype)
+        out[plan.out_rows] = o.reshape(R * N, self.num_heads, self.head_size)[plan.valid].to(out.dtype)
         tree.attention_s += time.perf_counter() - t0
         return output
 
@@ -86,6 +90,15 @@ class TreeAttentionPlan:
     mask: torch.Tensor          # [R, 1, N, P + N] bool, True = attend: prefix columns < L, then the node's ancestors
     valid: torch.Tensor         # [R * N] bool: real nodes, not padding
     out_rows: torch.Tensor      # [num valid] int64: their step rows
+    _bias: dict = field(default_factory=dict)
+
+    def bias(self, groups: int) -> torch.Tensor:
+        """The mask as an additive fp32 bias for `groups` query heads per KV head: [R, 1, groups * N, P + N], 0 where
+        row g * N + i (head group g, node i) attends, -inf elsewhere (SDPA is faster with it than with bool)."""
+        if groups not in self._bias:
+            m = self.mask.repeat(1, 1, groups, 1)
+            self._bias[groups] = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))
+        return self._bias[groups]
 
 
 def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_size: int) -> TreeAttentionPlan:
