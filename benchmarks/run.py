@@ -346,14 +346,14 @@ def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row]
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke check (< 10 min here): MT-Bench, greedy, bs 1 (2 prompts) and 8, 64 tokens, K=3, "
+                   help="smoke check (< 10 min here): MT-Bench, greedy, bs 1 (2 prompts) and 8, 64 tokens, K=2, "
                         "no static tree")
     p.add_argument("--target")
     p.add_argument("--head")
     p.add_argument("--workloads", nargs="+", default=["mtbench", "humaneval", "sharegpt"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--ks", nargs="+", type=int, default=[3, 5])
+    p.add_argument("--ks", nargs="+", type=int, default=[2, 3])
     p.add_argument("--configs", nargs="+", default=["ngram", "native", "ours"])
     p.add_argument("--trees", nargs="*", default=[DEFAULT_TREE], help="static trees (path tuples) for ours")
     p.add_argument("--dynamic", nargs="*", default=["4,4,8"], metavar="DEPTH,TOP_K,TOTAL",
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="vllm serve runs at these concurrencies (MT-Bench prompts, first K); none to skip")
     a = p.parse_args(argv)
     if a.quick:
-        a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [3], 64
+        a.workloads, a.batch_sizes, a.temperatures, a.ks, a.max_tokens = ["mtbench"], [1, 8], [0.0], [2], 64
         a.serve_concurrency, a.prompts_per_batch, a.min_prompts, a.trees = [], 1, 2, []
     import vllm_eagle
     from transformers import AutoTokenizer
