@@ -81,7 +81,7 @@ def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
             ["--model", tiny, "--speculative-model", tiny_random_head, *flags]))
 
     chain = parse()
-    assert chain.speculative_config["num_speculative_tokens"] == 3 and chain.worker_cls.endswith("EagleCPUWorker")
+    assert chain.speculative_config["num_speculative_tokens"] == 2 and chain.worker_cls.endswith("EagleCPUWorker")
     assert chain.enable_prefix_caching is False
     dyn = parse("--eagle-tree", "dynamic", "--eagle-depth", "3", "--eagle-top-k", "2")
     assert dyn.speculative_config["num_speculative_tokens"] == 8                     # total_tokens default
