@@ -6,8 +6,9 @@ Every configuration runs the same prompts in this one process, one engine at a t
 topology: worker on core 0, engine core + front end on core 1), each cell after an untimed 32-token pass of its first
 batch (shapes, the gate's learning), with the median of --reps timed repetitions. Prefix caching is off in every
 configuration: repeated passes over the same prompts would otherwise serve vanilla's, ngram's and native EAGLE's
-prefills from the cache (ours needs it off), which at batch 32 is ~10 % of a cell. `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against
-that round's vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
+prefills from the cache (ours needs it off), an estimated ~10 % of a batch-32 cell (prompt prefill over all work).
+`--rounds R` runs the whole list of configurations R times: each round's speedups are taken against that round's
+vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
 35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to
 benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
 Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
@@ -181,7 +182,8 @@ def serve_rows(target: str, head: str, k: int, concurrencies: list[int], prompts
                dtype: str, log_dir: str) -> list[ServeRow]:
     """Each config behind `vllm serve` on 127.0.0.1, streaming load at each concurrency (a warm-up request first)."""
     from .serving import Server, load, spec_metrics
-    common = ("--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--seed", "0", "--no-enable-prefix-caching")
+    common = ("--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
+              "--no-enable-prefix-caching")
     cfgs = {"vanilla": (), f"native-eagle-k{k}": ("--speculative-config", json.dumps(
                 {"method": "eagle", "model": head, "num_speculative_tokens": k})),
             f"ours-chain-k{k}": ("--speculative-model", head, "--num-speculative-tokens", str(k))}

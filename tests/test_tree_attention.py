@@ -163,12 +163,14 @@ def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
     big, small = compile_tree(TREE), chain(3)
     rows = [_tree_row(big, 0, 0, 45), _tree_row(small, 1, 9, 1)]
     block_table = torch.tensor([[7, 3, 0], [5, 0, 0]], dtype=torch.int32)
-    plan = plan_tree_attention(rows, block_table, BLOCK)
+    plan = plan_tree_attention(rows, block_table, BLOCK, H_Q // H_KV)
     assert plan.blocks.tolist() == [[7, 3], [5, 5]]
     assert plan.query_rows.tolist() == [[0, 1, 2, 3, 4, 5], [9, 10, 11, 12, 12, 12]]
     assert plan.valid.tolist() == [True] * 6 + [True] * 4 + [False] * 2
     assert plan.out_rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 12]
     assert plan.mask.shape == (2, 1, 6, 64 + 6)
+    assert torch.equal(plan.bias.isfinite(), plan.mask.repeat(1, 1, H_Q // H_KV, 1))   # [2, 1, 3 * 6, 70]
+    assert (plan.bias[plan.bias.isfinite()] == 0).all()
     m = plan.mask[:, 0].int()
     assert m[0, :, :45].all() and not m[0, :, 45:64].any() and m[1, :, :1].all() and not m[1, :, 1:64].any()
     assert torch.equal(m[0, :, 64:].bool(), rows[0].ancestors)

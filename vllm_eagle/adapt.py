@@ -18,8 +18,9 @@ refreshed only on exploration steps, so the gate kept a 1.17x win off for two th
 starts as the plain mean of its first 1/alpha samples, and until the slower arm has `settle` samples it is explored
 every 4th decision — unless the arms are clearly apart (one `apart` times faster) once each has `early` samples:
 then warm-up and settling end at once. Learning is not free: at batch 8 a tree step here costs ~5 plain steps for
-~1.85 tokens, and the full warm-up + settle (20 drafted steps) halved a 100-step batch; clearly apart, it costs 3. Simulated batch-1 case (tests/test_adapt.py): alpha_tokens 0.05 kept speculating on 61-85 % of
-the steps, 0.02 on 93 % (the most exploring allows).
+~1.85 tokens, and the full warm-up + settle (20 drafted steps) halved a 100-step batch; clearly apart, it costs 3.
+Simulated batch-1 case (tests/test_adapt.py): alpha_tokens 0.05 kept speculating on 61-85 % of the steps, 0.02 on
+93 % (the most exploring allows).
 
 Vocabulary: a *decision* is made when drafting for the next step; the *measurement* of that decision is the interval
 from its drafting call to the next one (drafting + the verify/decode step) and the tokens that step emitted per

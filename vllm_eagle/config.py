@@ -102,9 +102,9 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
                        k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
-    tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic" (EAGLE-2: `depth`
-    draft forwards, `top_k` children per expanded node and nodes expanded per depth, `total_tokens` draft nodes kept,
-    default 8; num_speculative_tokens is an alias of total_tokens there).
+    tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic"
+    (EAGLE-2: `depth` draft forwards, `top_k` children per expanded node and nodes expanded per depth, `total_tokens`
+    draft nodes kept, default 8; num_speculative_tokens is an alias of total_tokens there).
     Returns speculative_config (vLLM's custom_class hook pointing at our proposer), additional_config (our options),
     worker_cls (our CPU worker, whose runner hands target features to the proposer), and enable_prefix_caching=False
     (the draft KV of a cached prefix is not rebuilt yet). Pass target= to check the head against it up front.
@@ -126,10 +126,9 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             num_speculative_tokens = compile_tree(tree).num_nodes - 1
         except TreeSpecError as e:
             raise EagleOptionError(f"tree: {e}") from None
-    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens,
-                        tree=tree,
-                        depth=depth, top_k=top_k, feature_layers=tuple(feature_layers), draft_vocab=draft_vocab,
-                        adaptive=adaptive)
+    k = CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens
+    opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=k, tree=tree, depth=depth, top_k=top_k,
+                        feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

@@ -11,7 +11,7 @@ for the layout of a tree step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,8 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         t0 = time.perf_counter()
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2])     # the same for every layer here
         if plan_key not in tree.plans:
-            tree.plans[plan_key] = plan_tree_attention(tree.rows, attn_metadata.block_table, kv_cache.shape[2])
+            tree.plans[plan_key] = plan_tree_attention(tree.rows, attn_metadata.block_table, kv_cache.shape[2],
+                                                       self.num_heads // self.num_kv_heads)
         plan = tree.plans[plan_key]
         (R, N), G = plan.query_rows.shape, self.num_heads // self.num_kv_heads
         k, v = gather_kv(kv_cache, plan.blocks, layer.isa, dtype=torch.float32)    # [R, num_kv_heads, P, head_size]
@@ -59,7 +60,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         # attention over num_kv_heads, G * N rows, no K/V expansion: 2x faster than enable_gqa here).
         q = query[plan.query_rows].view(R, N, self.num_kv_heads, G, self.head_size).permute(0, 2, 3, 1, 4)
         q = q.reshape(R, self.num_kv_heads, G * N, self.head_size).float()
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias(G), scale=self.scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, scale=self.scale)
         o = o.view(R, self.num_kv_heads, G, N, self.head_size).permute(0, 3, 1, 2, 4)   # [R, N, kv heads, G, hs]
         out = output.view(-1, self.num_heads, self.head_size)
         out[plan.out_rows] = o.reshape(R * N, self.num_heads, self.head_size)[plan.valid].to(out.dtype)
@@ -90,19 +91,13 @@ class TreeAttentionPlan:
     mask: torch.Tensor          # [R, 1, N, P + N] bool, True = attend: prefix columns < L, then the node's ancestors
     valid: torch.Tensor         # [R * N] bool: real nodes, not padding
     out_rows: torch.Tensor      # [num valid] int64: their step rows
-    _bias: dict = field(default_factory=dict)
-
-    def bias(self, groups: int) -> torch.Tensor:
-        """The mask as an additive fp32 bias for `groups` query heads per KV head: [R, 1, groups * N, P + N], 0 where
-        row g * N + i (head group g, node i) attends, -inf elsewhere (SDPA is faster with it than with bool)."""
-        if groups not in self._bias:
-            m = self.mask.repeat(1, 1, groups, 1)
-            self._bias[groups] = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))
-        return self._bias[groups]
+    bias: torch.Tensor          # [R, 1, G * N, P + N] fp32: the mask for G query heads per KV head, additive (0 where
+    #                             row g * N + i, head group g and node i, attends; -inf elsewhere: SDPA is faster so)
 
 
-def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_size: int) -> TreeAttentionPlan:
-    """block_table: [num_reqs, max_blocks] int32 (the attention metadata's).
+def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_size: int,
+                        groups: int) -> TreeAttentionPlan:
+    """block_table: [num_reqs, max_blocks] int32 (the attention metadata's); groups: query heads per KV head.
 
     E.g. block 32, rows (start 0, L 45, 6 nodes) and (start 9, L 1, 4 nodes): NB = 2, N = 6, P = 64; row 1 reads
     its block twice with prefix column 0 alone unmasked, its query rows are [9, 10, 11, 12, 12, 12] and its nodes 4
@@ -118,7 +113,9 @@ def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_si
         mask[b, 0, :, : r.prefix_len] = True
         mask[b, 0, :, P: P + r.num_nodes] = r.ancestors[node.clamp(max=r.num_nodes - 1)]
     valid = torch.stack([node < r.num_nodes for r in rows]).flatten()
-    return TreeAttentionPlan(blocks, query_rows, mask, valid, query_rows.flatten()[valid])
+    grouped = mask.repeat(1, 1, groups, 1)
+    bias = torch.zeros(grouped.shape).masked_fill_(~grouped, float("-inf"))
+    return TreeAttentionPlan(blocks, query_rows, mask, valid, query_rows.flatten()[valid], bias)
 
 
 class TreeCPUAttentionBackend(CPUAttentionBackend):
