@@ -1,5 +1,6 @@
-"""Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, and the
-paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced).
+"""Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, the
+paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced), and the draft
+head's GEMMs (F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
 
     python -m benchmarks.kernels [--reps 50]
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "reference_us": timed(lambda: reference.tree_accept(*args), a.reps),
                      "wrapper_us": timed(lambda: kernels.tree_accept(*[x.to(device) if torch.is_tensor(x) else x
                                                                        for x in args]), a.reps)})
-    rows += gather_rows(a.reps)
+    rows += gather_rows(a.reps) + draft_gemm_rows(a.reps)
     print(f"device: {device}; median of {a.reps} calls, microseconds\n")
     print("| kernel | shape | reference / element gather (us) | wrapper / strided (us) |\n|---|---|---|---|")
     for r in rows:
@@ -89,6 +90,22 @@ def gather_rows(reps: int) -> list[dict]:
                 kv_layout.page_strides = layout
             rows.append({"kernel": "gather_kv", "shape": f"{dtype} {isa} block {bs}, 8 x L=300",
                          "reference_us": element, "wrapper_us": strided})
+    return rows
+
+
+def draft_gemm_rows(reps: int) -> list[dict]:
+    """SmolLM2's draft-head GEMMs (H 576, fused q|k|v 960, fused gate|up 3072, an 8,192-token draft vocabulary) in
+    bf16 at a chain step's T=1 and a batch-8 tree depth's T=24: F.linear ("reference") vs engine_linear ("wrapper")."""
+    from vllm_eagle.proposer import engine_linear
+    rows = []
+    for T in (1, 24):
+        for name, (N, K) in {"fc": (576, 1152), "qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576),
+                             "down": (576, 1536), "draft_lm_head": (8192, 576)}.items():
+            w, x = torch.randn(N, K).to(torch.bfloat16), torch.randn(T, K).to(torch.bfloat16)
+            mm = engine_linear(w)
+            rows.append({"kernel": f"draft {name}", "shape": f"bf16 T={T} N={N} K={K}",
+                         "reference_us": timed(lambda: torch.nn.functional.linear(x, w), reps),
+                         "wrapper_us": timed(lambda: mm(x), reps)})
     return rows
 
 

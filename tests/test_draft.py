@@ -1,6 +1,7 @@
 """The draft stage against a from-scratch reference: commit entries, then draft, recomputing attention over the
 whole entry sequence (committed entries + the drafted path) for every draft (no cache), in fp32."""
 import numpy as np
+import pytest
 import torch
 
 from vllm_eagle.draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
@@ -182,3 +183,23 @@ def test_attend_fast_path_equals_sdpa():
         torch.testing.assert_close(attend(q[:, :tq], k, v, mask[:, :tq]), attend(q, k, v, mask)[:, :tq],
                                    rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attend(q[:, :3], k, v, None), attend(q, k, v, None)[:, :3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_head_computes_what_its_layers_compute(dtype, tol):
+    """pack() (q|k|v and gate|up fused, each GEMM vLLM's CPU kernel) changes nothing the head computes, on 2-D and
+    3-D inputs and an odd token count."""
+    from vllm_eagle.proposer import engine_linear
+    torch.manual_seed(0)
+    head = EagleHead(CFG).to(dtype).eval()
+    e, f = torch.randn(7, 48, dtype=dtype), torch.randn(7, 48, dtype=dtype)
+    pos, attn = torch.arange(3, 10), torch.randn(7, 48, dtype=dtype)
+    calls = lambda: (head.project(e, f), *head.qkv(e, pos), head.finish(e, attn),
+                     head.finish(e.view(1, 7, 48), attn.view(1, 7, 48)))
+    with torch.no_grad():
+        want = calls()
+        for make in (engine_linear, None):
+            head.pack(make) if make else head.pack()
+            for w, g in zip(want, calls()):
+                assert g.shape == w.shape and g.dtype == dtype
+                torch.testing.assert_close(g, w, rtol=tol, atol=tol)

@@ -16,7 +16,7 @@ import torch
 from .adapt import SpeculationGate
 from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
 from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
-from .draft_head import EagleHead, check_head_matches_target, load_draft_vocab, read_config
+from .draft_head import EagleHead, Linear, check_head_matches_target, load_draft_vocab, read_config, torch_linear
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
 from .tree import TreeBuffers, chain, compile_tree
@@ -31,6 +31,20 @@ def _prefix_tree(paths: tuple, n: int) -> TreeBuffers:
 
 
 _compiled_tree = functools.lru_cache(maxsize=4096)(compile_tree)     # dynamic trees repeat their shapes
+
+
+def engine_linear(weight: torch.Tensor) -> Linear:
+    """weight [N, K] -> x [..., K] -> [..., N] through the GEMM vLLM's own linear layers run on this platform: on CPU
+    its prepacked oneDNN / sgl kernel (`dispatch_cpu_unquantized_gemm`), elsewhere F.linear."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return torch_linear(weight)
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    n, k = weight.shape
+    return lambda x: layer.cpu_linear(x.reshape(-1, k), layer.weight, None).view(*x.shape[:-1], n)
 
 
 @dataclass
@@ -70,9 +84,10 @@ class EagleProposer:
         check_head_matches_target(read_config(self.options.head), hf.to_dict(), self.options.head)
         self.target = target
         self.vocab_size = self.vllm_config.model_config.get_vocab_size()
-        self.head = EagleHead.from_pretrained(self.options.head, dtype=self.dtype)
+        self.head = EagleHead.from_pretrained(self.options.head, dtype=self.dtype).pack(engine_linear)
         self.kv = DraftKVCache(self.head.cfg.num_kv_heads, self.head.cfg.head_dim, self.dtype)
-        self.draft_vocab, self.draft_lm_head = self._draft_lm_head(target)
+        self.draft_vocab, lm_rows = self._draft_lm_head(target)
+        self.draft_lm_head = None if lm_rows is None else engine_linear(lm_rows)   # predicted features -> draft logits
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed_input_ids(token_ids)
@@ -87,14 +102,14 @@ class EagleProposer:
             return None, None                                   # unusual LM head: score through compute_logits
         ids = load_draft_vocab(self.options.head) if self.options.draft_vocab else None
         if ids is None:
-            return None, weight[: self.vocab_size]
+            return None, weight[: self.vocab_size].contiguous()
         return ids, weight[ids].contiguous()
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """predicted features [M, H] -> logits [M, D] over the draft vocabulary (D = its size, or the vocabulary)"""
         if self.draft_lm_head is None:
             return self.target.compute_logits(hidden)[:, : self.vocab_size]
-        return hidden @ self.draft_lm_head.T
+        return self.draft_lm_head(hidden)
 
     def token_ids(self, index: torch.Tensor) -> torch.Tensor:
         """indices into the draft vocabulary -> token ids (same shape)"""
