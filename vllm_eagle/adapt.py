@@ -6,16 +6,18 @@ what matters: for each bucket — batch size (running requests 1, 2-3, 4-7, 8-15
 samples (T > 0 accepts fewer drafts than greedy, so the two must not share estimates) — the tokens emitted per request
 per second, separately for steps that verified drafts (arm "on") and steps that did not ("off"). Each step it picks the
 faster arm and now and then the other one, so a change in acceptance or load is noticed: every `explore_every`-th
-decision of a bucket, or more rarely when the other arm is much slower, so that exploring costs at most about
-`explore_budget` of the throughput (but at least every `explore_max`-th decision). Output is unaffected either way:
-an "off" step is a plain vanilla step.
+decision of a bucket, or more rarely when exploring costs more, so that it costs at most about `explore_budget` of
+the throughput (but at least every `explore_max`-th decision). Output is unaffected either way: an "off" step is a
+plain vanilla step.
 
 An arm's rate is (mean tokens per request per step) / (mean seconds per step), two moving averages: seconds follow
 load quickly (`alpha`), tokens slowly (`alpha_tokens`), because one step's accepted length is noisy — at tau 1.6 half
 the "on" steps emit a single token — while acceptance itself drifts slowly. (An average of per-step rates was the
 first version: at batch 1 its "on" estimate swung +-20 % step to step, fell below "off" after an unlucky run, and then
 refreshed only on exploration steps, so the gate kept a 1.17x win off for two thirds of the steps.) Each average
-starts as the plain mean of its first 1/alpha samples, and until the slower arm has `settle` samples it is explored
+starts as the plain mean of its first 1/alpha samples; later, a step under half the average replaces the seconds
+average (nothing makes a step twice as fast, but a stall or a batch of prefills in a rarely explored arm's average
+would otherwise take dozens of explorations to decay). Until the slower arm has `settle` samples it is explored
 every 4th decision — unless the arms are clearly apart (one `apart` times faster) once each has `early` samples:
 then warm-up and settling end at once. Learning is not free: at batch 8 a tree step here costs ~5 plain steps for
 ~1.85 tokens, and the full warm-up + settle (20 drafted steps) halved a 100-step batch; clearly apart, it costs 3.
@@ -29,8 +31,10 @@ joining in between brings its prefill into the interval. Prefill chunks of reque
 cannot draft land in both arms alike.
 
 Worked example: bucket 8-15 has measured on: 1.5 tokens per request in 0.20 s per step -> 7.5 tok/req/s; off: 1.0 in
-0.085 s -> 11.8: the gate says off; "on" is 1.57x slower, so it explores every max(16, (1.57 - 1) / 0.03 = 19) = 19th
-decision.
+0.085 s -> 11.8: the gate says off; "on" is 1.57x slower. One "on" step takes 0.20 / 0.085 = 2.35 "off" steps and
+emits what 1.5 of them would, so exploring costs 2.35 * (1 - 1 / 1.57) = 0.85 "off" steps, and it explores every
+max(16, 0.85 / 0.03 = 29) = 29th decision. (A tree step at b32 here: 5 plain steps for 1.85 tokens -> cost 3.15,
+every 105th; counting (slow - 1) = 1.7 instead, as the gate first did, explored every 57th and lost 5.5 %.)
 """
 from __future__ import annotations
 
@@ -51,7 +55,10 @@ class ArmStats:
 
     def add(self, seconds: float, tokens: float, alpha: float, alpha_tokens: float) -> None:
         self.samples += 1
-        self.seconds += max(alpha, 1 / self.samples) * (seconds - self.seconds)
+        if self.samples > 1 / alpha and seconds < self.seconds / 2:
+            self.seconds = seconds      # a surprise: the average held a stall or prefill (nothing halves a step)
+        else:
+            self.seconds += max(alpha, 1 / self.samples) * (seconds - self.seconds)
         self.tokens += max(alpha_tokens, 1 / self.samples) * (tokens - self.tokens)
 
 
@@ -64,7 +71,7 @@ class Bucket:
 
 class SpeculationGate:
     def __init__(self, warmup: int = 8, explore_every: int = 16, explore_budget: float = 0.03, alpha: float = 0.2,
-                 alpha_tokens: float = 0.02, settle: int = 20, explore_max: int = 64, early: int = 3,
+                 alpha_tokens: float = 0.02, settle: int = 20, explore_max: int = 256, early: int = 3,
                  apart: float = 1.5):
         self.warmup, self.explore_every, self.explore_budget = warmup, explore_every, explore_budget
         self.explore_max, self.early, self.apart = explore_max, early, apart
@@ -105,8 +112,12 @@ class SpeculationGate:
         other = b.off if best else b.on
         if other.samples < self.settle and not clear:     # its estimate still rests on a few noisy steps
             return best != (b.decisions % 4 == 0)
-        # Never rarer than every explore_max-th: an arm whose estimate went wrong must still be re-measured.
-        every = min(self.explore_max, max(self.explore_every, math.ceil((slow - 1) / self.explore_budget)))
+        # One exploring step costs the tokens the best arm would have emitted in its time, in best-arm steps:
+        # (other's seconds / best's seconds) * (1 - 1 / slow). Never rarer than every explore_max-th: an arm whose
+        # estimate went wrong must still be re-measured (one sample suffices, see ArmStats.add).
+        first = b.on if best else b.off
+        cost = other.seconds / max(first.seconds, 1e-9) * (1 - 1 / slow)
+        every = min(self.explore_max, max(self.explore_every, math.ceil(cost / self.explore_budget)))
         return best != (b.decisions % every == 0)
 
     def summary(self) -> dict:
