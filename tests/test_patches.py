@@ -134,3 +134,18 @@ def test_seeded_requests_survive_chunked_prefill(tiny):
     chunked, _ = generate_ids(tiny, prompts, sp, max_num_batched_tokens=64, enable_chunked_prefill=True)
     whole, _ = generate_ids(tiny, prompts, sp)
     assert chunked == whole
+
+
+def test_cpu_gemm_contact_point_prepacks():
+    """C5: dispatch_cpu_unquantized_gemm still installs `cpu_linear(x, weight, bias)` and, on this CPU, a prepacked
+    kernel (it drops the plain weight only then), which proposer.engine_linear wraps."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm_eagle.proposer import engine_linear
+    w, x = torch.randn(96, 64).to(torch.bfloat16), torch.randn(5, 64).to(torch.bfloat16)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    assert layer.weight.numel() == 0 and list(inspect.signature(layer.cpu_linear).parameters) == ["x", "weight", "bias"]
+    want = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(layer.cpu_linear(x, layer.weight, None), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(engine_linear(w)(x.view(1, 5, 64)), want.view(1, 5, 96), rtol=2e-2, atol=2e-2)

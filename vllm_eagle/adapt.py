@@ -115,8 +115,8 @@ class SpeculationGate:
         # One exploring step costs the tokens the best arm would have emitted in its time, in best-arm steps:
         # (other's seconds / best's seconds) * (1 - 1 / slow). Never rarer than every explore_max-th: an arm whose
         # estimate went wrong must still be re-measured (one sample suffices, see ArmStats.add).
-        first = b.on if best else b.off
-        cost = other.seconds / max(first.seconds, 1e-9) * (1 - 1 / slow)
+        chosen = b.on if best else b.off
+        cost = other.seconds / max(chosen.seconds, 1e-9) * (1 - 1 / slow)
         every = min(self.explore_max, max(self.explore_every, math.ceil(cost / self.explore_budget)))
         return best != (b.decisions % every == 0)
 

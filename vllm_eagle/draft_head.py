@@ -221,15 +221,14 @@ class EagleHead(nn.Module):
 
     def pack(self, make_linear: Callable[[torch.Tensor], Linear] = torch_linear) -> "EagleHead":
         """Inference GEMMs from the current weights: fc, q|k|v fused, o, gate|up fused, down, each
-        `make_linear(weight [N, K])`. The engine passes vLLM's prepacked CPU GEMM (oneDNN / sgl), about 2x faster than
-        F.linear on the head's T=1 shapes here (`python -m benchmarks.kernels`). Call again after changing the weights."""
+        `make_linear(weight [N, K])`. The engine passes vLLM's prepacked CPU GEMM (oneDNN / sgl), about 2x faster
+        than F.linear on the head's T=1 shapes here (`python -m benchmarks.kernels`). Call again after changing the
+        weights."""
         with torch.no_grad():
-            w = {n: m.weight.detach() for n, m in self.named_children() if isinstance(m, nn.Linear)}
-            self.packed = {"fc": make_linear(w["fc"].contiguous()),
-                           "qkv": make_linear(torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])),
-                           "o": make_linear(w["o_proj"].contiguous()),
-                           "gate_up": make_linear(torch.cat([w["gate_proj"], w["up_proj"]])),
-                           "down": make_linear(w["down_proj"].contiguous())}
+            gemm = lambda *layers: make_linear(torch.cat([m.weight for m in layers]))   # noqa: E731  rows stacked
+            self.packed = {"fc": gemm(self.fc), "qkv": gemm(self.q_proj, self.k_proj, self.v_proj),
+                           "o": gemm(self.o_proj), "gate_up": gemm(self.gate_proj, self.up_proj),
+                           "down": gemm(self.down_proj)}
         return self
 
     def project(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -241,10 +240,12 @@ class EagleHead(nn.Module):
         """x [T, H], positions [T] -> q [T, nh, hd], k, v [T, nkv, hd] with RoPE applied to q and k."""
         c = self.cfg
         if self.packed is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.packed["qkv"](x).split([c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2, -1)
-        q, k, v = (t.reshape(-1, n, c.head_dim) for t, n in ((q, c.num_heads), (k, c.num_kv_heads), (v, c.num_kv_heads)))
+            q = self.q_proj(x).view(-1, c.num_heads, c.head_dim)
+            k = self.k_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+            v = self.v_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+        else:                                        # [T, nh + 2 nkv, hd] split into views, no copies
+            q, k, v = self.packed["qkv"](x).view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim).split(
+                [c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -259,7 +260,8 @@ class EagleHead(nn.Module):
             h = rms_norm(r, self.post_attention_layernorm, self.cfg.rms_norm_eps)
             return r + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
         r = x + self.packed["o"](attn)
-        gate, up = self.packed["gate_up"](rms_norm(r, self.post_attention_layernorm, self.cfg.rms_norm_eps)).chunk(2, -1)
+        h = rms_norm(r, self.post_attention_layernorm, self.cfg.rms_norm_eps)
+        gate, up = self.packed["gate_up"](h).chunk(2, -1)
         return r + self.packed["down"](F.silu(gate) * up)
 
 
