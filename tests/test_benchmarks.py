@@ -64,3 +64,35 @@ def test_rounds_pair_each_speedup_with_its_own_rounds_vanilla():
     assert (van.config, van.speedup, van.tokens_per_s_reps, van.round) == ("vanilla", 1.0, [30.0, 40.0, 50.0], -1)
     # median of the paired ratios (1.15), not the ratio of medians (48 / 40 = 1.2)
     assert (ours.tokens_per_s, ours.speedup, ours.tau, ours.per_position_acceptance) == (48.0, 1.15, 1.7, [0.7])
+
+
+def test_closed_loop_refills_the_batch_and_ends_the_steady_state_at_the_first_unreplaced_finish():
+    """Requests finish after 2, 3, 2, 4 steps (one token per step), 2 in flight: r0, r1 start; r0 ends at step 2 and r2
+    takes its place; r1 ends at step 3, r3 starts; r2 ends at step 4 with the queue empty: steady state = 4 steps with
+    2 + 3 + 2 + 1 = 8 tokens; then r3 alone until step 7: 11 tokens in all."""
+    from types import SimpleNamespace
+
+    from benchmarks.run import closed_loop
+
+    class Engine:
+        def __init__(self, lengths):
+            self.lengths, self.live, self.steps = lengths, {}, 0
+
+        def add_request(self, rid, prompt, sp):
+            self.live[rid] = 0
+
+        def step(self):
+            self.steps += 1
+            out = []
+            for rid in list(self.live):
+                self.live[rid] += 1
+                done = self.live[rid] == self.lengths[rid]
+                out.append(SimpleNamespace(request_id=rid, finished=done,
+                                           outputs=[SimpleNamespace(token_ids=[0] * self.live[rid])]))
+                if done:
+                    del self.live[rid]
+            return out
+
+    engine = Engine({"bench-0": 2, "bench-1": 3, "bench-2": 2, "bench-3": 4})
+    steady_tokens, _, tokens, _ = closed_loop(SimpleNamespace(llm_engine=engine), ["a", "b", "c", "d"], 2, None)
+    assert (steady_tokens, tokens, engine.steps) == (8, 11, 7)
