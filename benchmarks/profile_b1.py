@@ -1,4 +1,5 @@
-"""The batch-1 step under a sampling profiler: one in-process engine (vanilla, or ours chain K=2 with the gate on),
+"""The batch-1 step under a sampling profiler: one in-process engine (vanilla; ours chain K=2 with the gate on; or
+`tree`: ours with the default static tree of benchmarks.run, drafting every step),
 6 MT-Bench prompts x 128 greedy tokens after an untimed warm-up; `/tmp/profile_b1_go` appears when timing starts.
 
     python -m benchmarks.profile_b1 chain & \\
@@ -22,10 +23,12 @@ def main(which: str) -> None:
     from vllm import LLM, SamplingParams
 
     import vllm_eagle
-    from benchmarks.run import workloads
+    from benchmarks.run import DEFAULT_TREE, workloads
     target, head = vllm_eagle.default_target(), vllm_eagle.default_head()
     prompts = workloads(AutoTokenizer.from_pretrained(target), ["mtbench"], 8)["mtbench"]
-    spec = {"chain": vllm_eagle.speculative_kwargs(head), "vanilla": {"enable_prefix_caching": False}}[which]
+    spec = {"chain": lambda: vllm_eagle.speculative_kwargs(head),
+            "tree": lambda: vllm_eagle.speculative_kwargs(head, tree=DEFAULT_TREE, adaptive=False),
+            "vanilla": lambda: {"enable_prefix_caching": False}}[which]()
     llm = LLM(model=target, dtype="bfloat16", max_model_len=2048, enforce_eager=True, max_num_seqs=32, seed=0, **spec)
     sp = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=32), use_tqdm=False)
