@@ -278,11 +278,11 @@ def fill_cost_model(rows: list[Row], raw: dict) -> None:
         if r.config.startswith("ours") and b.step_ms and r.step_ms:
             r.draft_cost_c = round(extra["draft_ms"] / (extra["depth"] * b.step_ms), 3)
             r.verify_cost_v = round((r.step_ms - extra["draft_ms"]) / b.step_ms, 3)
-            # The cost model's speedup for the shape: what it gives when every step drafts and emits tau tokens per
-            # request; depth * c + v = step / vanilla step. It exceeds the measured speedup by the steps that emit
-            # less: gated steps, prefill steps, a static batch's ramp-down. E.g. tau 1.59, c 0.075, depth 2, v 1.115
-            # -> 1.59 / 1.265 = 1.26x.
-            r.limit = round(r.tau * b.step_ms / r.step_ms, 3) if r.tau else None
+            # The cost model's speedup for the shape: what it gives when every step emits tau tokens per request;
+            # depth * c + v = step / vanilla step. It exceeds the measured speedup by prefill steps and a static
+            # batch's ramp-down. Only for rows where every step drafted: under the gate, c and v average drafted and
+            # plain steps while tau counts drafted ones. E.g. tau 1.59, c 0.075, depth 2, v 1.115 -> 1.59 / 1.265.
+            r.limit = round(r.tau * b.step_ms / r.step_ms, 3) if r.tau and not extra.get("gated_share") else None
 
 
 def combine_rounds(rows: list[Row]) -> list[Row]:

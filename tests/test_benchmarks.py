@@ -35,6 +35,9 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     assert all(r["draft_cost_c"] > 0 and r["verify_cost_v"] > 0 for r in ours)
     assert all(0 <= r["gated_share"] <= 1 for r in ours)
     assert all(r["gated_share"] == 0 for r in ours if r["config"].endswith("-fixed"))
+    # the shape's cost model: only where every step drafted (under the gate c and v mix plain steps in)
+    assert all(r["limit"] > 0 for r in ours if r["config"].endswith("-fixed"))
+    assert all(r["limit"] is None for r in ours if r["gated_share"] > 0)
     for r in ours:                                           # per-stage cost of our own code
         assert set(r["stage_ms"]) == {"draft", "mask", "tree_attention", "accept", "kv_commit"}
         trees = "tree" in r["config"] or "dynamic" in r["config"]
