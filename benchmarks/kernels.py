@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, the
-paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced), and the draft
-head's GEMMs (F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
+paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced), one layer of
+tree attention (vLLM's stock kernel alone vs with our recompute of the tree rows), and the draft head's GEMMs (F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
 
     python -m benchmarks.kernels [--reps 50]
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "reference_us": timed(lambda: reference.tree_accept(*args), a.reps),
                      "wrapper_us": timed(lambda: kernels.tree_accept(*[x.to(device) if torch.is_tensor(x) else x
                                                                        for x in args]), a.reps)})
-    rows += gather_rows(a.reps) + draft_gemm_rows(a.reps)
+    rows += gather_rows(a.reps) + tree_attention_rows(a.reps) + draft_gemm_rows(a.reps)
     print(f"device: {device}; median of {a.reps} calls, microseconds\n")
     print("| kernel | shape | reference / element gather (us) | wrapper / strided (us) |\n|---|---|---|---|")
     for r in rows:
@@ -90,6 +90,54 @@ def gather_rows(reps: int) -> list[dict]:
                 kv_layout.page_strides = layout
             rows.append({"kernel": "gather_kv", "shape": f"{dtype} {isa} block {bs}, 8 x L=300",
                          "reference_us": element, "wrapper_us": strided})
+    return rows
+
+
+def tree_attention_rows(reps: int) -> list[dict]:
+    """One SmolLM2 attention layer (9 query / 3 KV heads, head 64, block 128, bf16, this CPU's `vec` pages) over R
+    requests with L=300 committed tokens, each verifying the 8-node static tree of benchmarks.run: the stock kernel
+    alone ("reference") vs TreeCPUAttentionImpl ("wrapper": the stock kernel, then the tree rows recomputed with
+    the ancestor mask; the plan is built once per step for all layers, so it is built before timing)."""
+    from types import SimpleNamespace
+
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+    from vllm_eagle.tree import compile_tree
+    from vllm_eagle.tree_attention import TreeCPUAttentionImpl
+    from vllm_eagle.verify import TreeRow, TreeStep
+    from benchmarks.run import DEFAULT_TREE
+    H_Q, H_KV, D, BS, L, dtype = 9, 3, 64, 128, 300, torch.bfloat16
+    tree = compile_tree(DEFAULT_TREE)
+    n, nb = tree.num_nodes, -(-(L + tree.num_nodes) // BS)
+    ancestors = (tree.ancestors[:, None] >> torch.arange(n)) & 1 == 1
+    config = cpu_attn.get_current_vllm_config
+    cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))
+    try:
+        impls = [cls(num_heads=H_Q, head_size=D, scale=D ** -0.5, num_kv_heads=H_KV, alibi_slopes=None,
+                     sliding_window=None, kv_cache_dtype="auto") for cls in (CPUAttentionBackendImpl, TreeCPUAttentionImpl)]
+    finally:
+        cpu_attn.get_current_vllm_config = config
+    rows = []
+    for R in (1, 8, 32):
+        kv = torch.randn(R * nb, H_KV, BS, 2 * D).to(dtype)
+        qsl, seq_lens = (torch.arange(R + 1) * n).int(), torch.full((R,), L + n, dtype=torch.int32)
+        meta = CPUAttentionMetadata(
+            num_actual_tokens=R * n, max_query_len=n, query_start_loc=qsl, max_seq_len=L + n, seq_lens=seq_lens,
+            block_table=torch.randperm(R * nb).view(R, nb).int(), slot_mapping=torch.zeros(R * n, dtype=torch.long),
+            scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=R, num_heads=H_Q, num_kv_heads=H_KV, head_dim=D, seq_lens=seq_lens, dtype=dtype,
+                query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False))
+        q, k = torch.randn(R * n, H_Q, D).to(dtype), torch.randn(R * n, H_KV, D).to(dtype)
+        out, layer = torch.empty_like(q), SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
+        step = TreeStep([TreeRow(r, f"r{r}", r * n, L, tree.parent, torch.zeros(n, dtype=torch.long), ancestors)
+                         for r in range(R)], torch.zeros(R * n, dtype=torch.long))
+        us = []
+        for impl, tree_step in zip(impls, (None, step)):
+            meta.tree = tree_step
+            us.append(timed(lambda: impl.forward(layer, q, k, k, kv, meta, out), reps))
+        rows.append({"kernel": "tree attention layer", "shape": f"bf16 vec, {R} x (L={L} + {n - 1} nodes)",
+                     "reference_us": us[0], "wrapper_us": us[1]})
     return rows
 
 

@@ -19,9 +19,10 @@ from vllm_eagle.verify import TreeRow, TreeStep
 
 BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 12     # odd head counts: 3 query heads per KV head
 TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"       # parents [-1, 0, 0, 1, 1, 3]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}     # tree SDPA (fp32) vs the kernel, max abs error
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}     # tree SDPA (cache dtype) vs the kernel, max abs error
 CASES = [
     pytest.param(torch.float32, "vec", id="fp32-vec"),
+    pytest.param(torch.bfloat16, "vec", id="bf16-vec"),      # this CPU's bf16 layout (no AMX): K^T pages
     pytest.param(torch.bfloat16, "amx", id="bf16-amx",
                  marks=pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="no AMX tiles")),
 ]
@@ -166,7 +167,7 @@ def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
     plan = plan_tree_attention(rows, block_table, BLOCK, H_Q // H_KV)
     assert plan.blocks.tolist() == [[7, 3], [5, 5]]
     assert plan.query_rows.tolist() == [[0, 1, 2, 3, 4, 5], [9, 10, 11, 12, 12, 12]]
-    assert plan.valid.tolist() == [True] * 6 + [True] * 4 + [False] * 2
+    assert plan.valid_rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert plan.out_rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 12]
     assert plan.mask.shape == (2, 1, 6, 64 + 6)
     assert torch.equal(plan.bias.isfinite(), plan.mask.repeat(1, 1, H_Q // H_KV, 1))   # [2, 1, 3 * 6, 70]

@@ -117,9 +117,8 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, isa: str,
     -> k, v [R, num_kv_heads, NB * block_size, head_size] in `dtype` (default: the cache's): column j of row r is the
        token at offset j % block_size of block blocks[r, j // block_size]. E.g. block_size 32, row [5, 2]: columns
        0..31 from block 5, 32..63 from block 2; a request of 40 tokens uses columns 0..39.
-    Fast path: K and V are strided views of the cache ([num_blocks, heads, offset digits.., dim digits..]), so one
-    gather of the pages and one permuting copy lay them out; otherwise an element-wise gather through the position
-    map."""
+    Fast path: K and V are strided views of a page ([heads, offset digits.., dim digits..]), so one gather of whole
+    pages and one permuting copy lay them out; otherwise an element-wise gather through the position map."""
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
     hs, (R, nb) = two_hs // 2, blocks.shape
     blocks = blocks.long()
@@ -129,13 +128,15 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, isa: str,
         kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]   # [R*P, heads, 2 * hs]
         kv = kv.view(R, nb * block_size, num_kv_heads, two_hs).transpose(1, 2).to(dtype or kv_cache.dtype)
         return kv[..., :hs], kv[..., hs:]
+    # Whole pages first (one contiguous memcpy each), then the layout's permutation inside those few pages: an
+    # advanced index straight on the strided view, or a converting permute, is several times slower.
+    pages = kv_cache.index_select(0, blocks.flatten())                            # [R * nb, heads, bs, 2 * hs]
     out = []
     for base, sizes, strides in layout:
-        pages = kv_cache.as_strided([num_blocks, num_kv_heads, *sizes], [*kv_cache.stride()[:2], *strides],
-                                    kv_cache.storage_offset() + base)[blocks]          # [R, nb, heads, *digits]
-        # permute in the cache's dtype, then convert contiguously (a converting permute is several times slower)
+        view = pages.as_strided([R, nb, num_kv_heads, *sizes], [nb * pages.stride(0), *pages.stride()[:2], *strides],
+                                base)                                             # [R, nb, heads, *digits]
         dst = torch.empty(R, num_kv_heads, nb, *sizes, dtype=kv_cache.dtype)
-        dst.copy_(pages.transpose(1, 2))
+        dst.copy_(view.transpose(1, 2))
         out.append(dst.view(R, num_kv_heads, nb * block_size, hs).to(dtype or kv_cache.dtype))
     return out[0], out[1]
 
