@@ -83,6 +83,9 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
                                                                             "num_speculative_tokens": k}}, k))
         if "ours" in which:
             out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k, k))
+        if "lookup" in which:       # ours with prompt lookup: rows whose context repeats draft without the head
+            out.append(Config(f"ours-lookup-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k,
+                                                                                 lookup=True), k, k))
     if "ours" in which:
         from vllm_eagle.tree import compile_tree
         for t in trees:

@@ -203,3 +203,18 @@ def test_packed_head_computes_what_its_layers_compute(dtype, tol):
             for w, g in zip(want, calls()):
                 assert g.shape == w.shape and g.dtype == dtype
                 torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tokens,k,want", [
+    ([5, 9, 2, 7, 1, 9, 2], 2, [7, 1]),                            # the module docstring's example
+    ([7, 8, 9, 1, 2, 3, 7, 8, 9, 4, 5, 6, 1, 2, 3, 7, 8, 9], 2, [4, 5]),   # longest tail first: (3, 7, 8, 9), not (8, 9)
+    ([1, 2, 0, 1, 2, 5, 6, 1, 2], 2, [5, 6]),                      # the most recent occurrence of the tail
+    ([1, 2, 1, 2], 2, [1, 2]),                                     # continuation up to the tail, never past the end
+    ([1, 2, 1, 2], 3, []),                                         # k followers do not fit
+    ([4, 1, 2, 3, 1, 2], 1, [3]),
+    ([3, 4, 5], 1, []),                                            # no repeat
+    ([6, 6], 1, []),                                               # a tail of one token is below min_n = 2
+])
+def test_lookup_draft_takes_what_followed_the_tail_before(tokens, k, want):
+    from vllm_eagle.lookup import lookup_draft
+    assert lookup_draft(np.array(tokens, dtype=np.int32), k) == want

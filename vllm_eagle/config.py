@@ -35,6 +35,8 @@ class EagleOptions:
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
     draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
     adaptive: bool = True                         # per step, speculate only where it measured faster (adapt.py)
+    lookup: bool = False                          # chains: a row whose context repeats its tail drafts the tokens that
+                                                  # followed (prompt lookup, no head forward; lookup.py)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
@@ -64,6 +66,9 @@ class EagleOptions:
             if nodes > self.num_speculative_tokens:
                 raise EagleOptionError(f"tree has {nodes} draft nodes but num_speculative_tokens is "
                                        f"{self.num_speculative_tokens}: they must match (speculative_kwargs does this)")
+        if self.lookup and self.tree != "chain":
+            raise EagleOptionError(f"lookup drafts chains; it cannot be combined with tree={self.tree!r}: use "
+                                   "tree='chain' or lookup=False")
         if not os.path.isdir(self.head):
             raise EagleOptionError(f"EAGLE head folder {self.head!r} does not exist: pass a folder with config.json and "
                                    "model.safetensors (e.g. vllm_eagle.default_head())")
@@ -79,11 +84,11 @@ class EagleOptions:
         unknown = set(extra) - {f for f in cls.__dataclass_fields__ if f != "num_speculative_tokens"}
         if unknown:
             raise EagleOptionError(f"unknown {CONFIG_KEY} option(s) {sorted(unknown)}; known: head, tree, depth, top_k, "
-                                   "feature_layers, draft_vocab, adaptive")
+                                   "feature_layers, draft_vocab, adaptive, lookup")
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
                    depth=extra.get("depth", DYNAMIC_DEFAULTS["depth"]), top_k=extra.get("top_k", DYNAMIC_DEFAULTS["top_k"]),
                    feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)),
-                   adaptive=bool(extra.get("adaptive", True)))
+                   adaptive=bool(extra.get("adaptive", True)), lookup=bool(extra.get("lookup", False)))
 
 
 def validate_against_target(head: str, target: str | None) -> None:
@@ -99,7 +104,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
                        depth: int = DYNAMIC_DEFAULTS["depth"], top_k: int = DYNAMIC_DEFAULTS["top_k"],
                        total_tokens: int | None = None, target: str | None = None,
                        feature_layers: tuple[int, ...] = (), draft_vocab: bool = True, adaptive: bool = True,
-                       k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
+                       lookup: bool = False, k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
     tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic"
@@ -113,6 +118,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     KV keeps being committed so speculation resumes when load drops).
     adaptive=True (default): per step and batch-size bucket, speculate only if steps with drafts have measured more
     tokens per second than steps without (adapt.py); False drafts every step (fixed shape, e.g. for measuring tau).
+    lookup=True (chains only): a row whose context has met its last 2-4 tokens before drafts the K tokens that
+    followed them there (prompt lookup, lookup.py) instead of running the head; output is unchanged.
     """
     if tree == DYNAMIC:
         num_speculative_tokens = next((k for k in (total_tokens, num_speculative_tokens) if k is not None),
@@ -128,7 +135,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             raise EagleOptionError(f"tree: {e}") from None
     k = CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=k, tree=tree, depth=depth, top_k=top_k,
-                        feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive)
+                        feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive,
+                        lookup=lookup)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

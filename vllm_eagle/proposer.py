@@ -19,6 +19,7 @@ from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
 from .draft_head import EagleHead, Linear, check_head_matches_target, load_draft_vocab, read_config, torch_linear
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
+from .lookup import lookup_draft
 from .tree import TreeBuffers, chain, compile_tree
 
 _chain = functools.lru_cache(maxsize=None)(chain)
@@ -57,6 +58,7 @@ class ProposerStats:
     accept_s: float = 0.0       # tree acceptance + final tokens (acceptance.accept_trees)
     kv_commit_s: float = 0.0    # moving accepted nodes' KV (kv_commit.commit_accepted_kv)
     gated_steps: int = 0        # steps the load-adaptive gate kept from drafting (adapt.py)
+    lookup_drafts: int = 0      # rows drafted by prompt lookup instead of the head (options.lookup)
 
 
 class EagleProposer:
@@ -178,6 +180,8 @@ class EagleProposer:
             # Under the gate, requests with a seed never draft: drafts change which random numbers a sampled token
             # uses, and timing must not decide a seeded output. Their output is then vanilla's for that seed.
             fits &= ~fb.seeded & (not gated)
+        if self.options.lookup:
+            fits = fits & ~self._lookup(fb, np.nonzero(fits)[0], pos_last, out)
         if self.tree is None and not self.dynamic:
             groups = [(tree, fits)]
         else:
@@ -197,6 +201,17 @@ class EagleProposer:
                 if shape.num_nodes > shape.max_depth + 1:              # a real tree: verify.py lays it out
                     self.drafted_trees[fb.req_ids[r]] = shape
         return out
+
+    def _lookup(self, fb: FeatureBatch, rows: np.ndarray, pos_last: np.ndarray, out: list[list[int]]) -> np.ndarray:
+        """Prompt-lookup drafts of K tokens into out[r] for the rows whose context allows one -> [num_reqs] bool: rows
+        drafted. Row r's committed tokens are token_ids[r, :p + 2] (p = pos_last[r]: its last entry, whose next
+        token is the one just sampled)."""
+        hit = np.zeros(len(fb.req_ids), dtype=bool)
+        for r in rows.tolist():
+            out[r] = lookup_draft(fb.token_ids[r, : pos_last[r] + 2], fb.num_drafts)
+            hit[r] = bool(out[r])
+        self.stats.lookup_drafts += int(hit.sum())
+        return hit
 
     def _draft_dynamic(self, fb: FeatureBatch, rows: np.ndarray, x_last: torch.Tensor, pos_last: np.ndarray,
                        total: int, out: list[list[int]]) -> None:
