@@ -69,7 +69,7 @@ DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0
 
 
 def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
-            dynamic: list[tuple[int, int, int]] = (), fixed: bool = False) -> list[Config]:
+            dynamic: list[tuple[int, int, int]] = (), fixed: bool = False, lookups: list[int] = ()) -> list[Config]:
     """fixed=True adds each of ours again with adaptive=False ("-fixed": every step drafts; its c and v(K) are the
     cost model of the shape, while the adaptive rows' mix gated steps in)."""
     import vllm_eagle
@@ -84,8 +84,9 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
         if "ours" in which:
             out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k, k))
         if "lookup" in which:       # ours with prompt lookup: rows whose context repeats draft without the head
-            out.append(Config(f"ours-lookup-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k,
-                                                                                 lookup=True), k, k))
+            for n in lookups:
+                out.append(Config(f"ours-chain-k{k}-lookup{n}", vllm_eagle.speculative_kwargs(
+                    head, num_speculative_tokens=k, lookup=n), max(k, n), k))
     if "ours" in which:
         from vllm_eagle.tree import compile_tree
         for t in trees:
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--trees", nargs="*", default=[DEFAULT_TREE], help="static trees (path tuples) for ours")
     p.add_argument("--dynamic", nargs="*", default=["4,4,8"], metavar="DEPTH,TOP_K,TOTAL",
                    help="EAGLE-2 dynamic trees for ours")
+    p.add_argument("--lookups", nargs="*", type=int, default=[4], metavar="N",
+                   help="prompt-lookup draft lengths for the 'lookup' configuration (ours + lookup=N)")
     p.add_argument("--fixed", action="store_true", help="also run ours with adaptive=False (cost model per shape)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, --min-prompts)")
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
-    cfgs = configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed)
+    cfgs = configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed, a.lookups)
     for rnd, cfg in [(r, c) for r in range(a.rounds) for c in cfgs]:
         print(f"[bench] {cfg.name}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""), flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,

@@ -91,6 +91,24 @@ def test_useless_head_is_gated_off_losslessly(tiny, tiny_random_head):
     assert st["gated_steps"] > 0.6 * st["steps"], st
 
 
+def test_gated_steps_still_draft_by_lookup_where_it_pays(tiny, tiny_random_head):
+    """With lookup, the gate keeps the useless head off, and a second gate decides per gated step whether lookup rows
+    still draft: the tiny random target's greedy text repeats itself, so lookup drafts are accepted and that gate keeps
+    them on. Output equals vanilla's."""
+    prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self."]
+    sp = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    want, _ = generate_ids(tiny, prompts, sp)
+    from conftest import close, make_llm
+    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=2, lookup=3))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    st, c = llm.collective_rpc("eagle_stats")[0], spec_counters(llm)
+    close(llm)
+    assert got == want
+    assert st["gated_steps"] > 0.5 * st["steps"], st                     # the random head is kept off ...
+    assert st["lookup_only_steps"] > 0.5 * st["gated_steps"], st         # ... its gated steps mostly draft by lookup
+    assert st["lookup_gate"] and c["accepted_tokens"] > 0, (st, c)      # ... and those drafts are accepted
+
+
 def test_seeded_requests_under_the_gate_sample_exactly_as_vanilla(oracle):
     """Under the gate a request with a seed never drafts, so its output is vanilla's for that seed, token for token,
     while greedy and unseeded requests in the same batch are speculated (and greedy stays lossless)."""

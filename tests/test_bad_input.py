@@ -133,3 +133,22 @@ def test_absurd_k(tiny_random_head):
 def test_invalid_trees(tiny_random_head, tree, msg):
     with pytest.raises(EagleOptionError, match=msg):
         vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(tree="dynamic", lookup=4), "lookup drafts chains; it cannot be combined with tree='dynamic'"),
+    (dict(lookup=True), r"lookup must be a draft length .*got True \(e.g. lookup=4\)"),
+    (dict(lookup=-1), r"lookup must be a draft length .*got -1"),
+])
+def test_invalid_lookup(tiny_random_head, kwargs, msg):
+    with pytest.raises(EagleOptionError, match=msg):
+        vllm_eagle.speculative_kwargs(tiny_random_head, **kwargs)
+
+
+def test_lookup_longer_than_the_step_budget_is_refused(tiny_random_head):
+    """Through --additional-config the two lengths can disagree with vLLM's K; speculative_kwargs sets K = max."""
+    from vllm_eagle.config import EagleOptions
+    assert vllm_eagle.speculative_kwargs(tiny_random_head, num_speculative_tokens=2, lookup=5)[
+        "speculative_config"]["num_speculative_tokens"] == 5
+    with pytest.raises(EagleOptionError, match="lookup=5 / chain_k=2 exceed num_speculative_tokens=3"):
+        EagleOptions(head=tiny_random_head, num_speculative_tokens=3, lookup=5, chain_k=2)

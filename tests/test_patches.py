@@ -91,6 +91,9 @@ def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
         "num_speculative_tokens"] == 5
     with pytest.raises(ValueError, match="apply to --eagle-tree dynamic only"):
         parse("--eagle-depth", "3")
+    lookup = parse("--eagle-lookup", "4")                 # head chain of 2 (the default), lookup drafts of 4
+    assert lookup.speculative_config["num_speculative_tokens"] == 4
+    assert {k: lookup.additional_config["vllm_eagle"][k] for k in ("lookup", "chain_k")} == {"lookup": 4, "chain_k": 2}
 
 
 def test_top_k_on_an_empty_spec_batch_upstream_bug_and_our_fix():

@@ -32,8 +32,8 @@ def generate(argv: list[str]) -> None:
     p.add_argument("--tree", default="chain", help="chain, path tuples \"[(0,), (1,), (0, 0)]\", or dynamic")
     p.add_argument("--depth", type=int, default=4, help="dynamic trees: draft forwards per step")
     p.add_argument("--top-k", type=int, default=4, help="dynamic trees: children per expanded node")
-    p.add_argument("--lookup", action="store_true",
-                   help="chains: rows whose context repeats draft by prompt lookup instead of the head")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="chains: rows whose context repeats draft N tokens by prompt lookup instead of the head")
     p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")

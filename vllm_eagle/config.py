@@ -35,8 +35,11 @@ class EagleOptions:
     feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
     draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
     adaptive: bool = True                         # per step, speculate only where it measured faster (adapt.py)
-    lookup: bool = False                          # chains: a row whose context repeats its tail drafts the tokens that
-                                                  # followed (prompt lookup, no head forward; lookup.py)
+    lookup: int = 0                               # chains: prompt-lookup draft length, 0 = off. A row whose context
+                                                  # repeats its tail drafts the `lookup` tokens that followed it there
+                                                  # (no head forward; lookup.py); the others draft the head's chain
+    chain_k: int = 0                              # with lookup: the head's chain length (0 = num_speculative_tokens,
+                                                  # which is then max(chain_k, lookup): vLLM's per-step budget)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
@@ -66,9 +69,17 @@ class EagleOptions:
             if nodes > self.num_speculative_tokens:
                 raise EagleOptionError(f"tree has {nodes} draft nodes but num_speculative_tokens is "
                                        f"{self.num_speculative_tokens}: they must match (speculative_kwargs does this)")
+        for name, v in (("lookup", self.lookup), ("chain_k", self.chain_k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise EagleOptionError(f"{name} must be a draft length (an integer >= 0, 0 = off), got {v!r}"
+                                       + (" (e.g. lookup=4)" if name == "lookup" else ""))
         if self.lookup and self.tree != "chain":
             raise EagleOptionError(f"lookup drafts chains; it cannot be combined with tree={self.tree!r}: use "
-                                   "tree='chain' or lookup=False")
+                                   "tree='chain' or lookup=0")
+        if max(self.lookup, self.chain_k) > self.num_speculative_tokens:
+            raise EagleOptionError(f"lookup={self.lookup} / chain_k={self.chain_k} exceed num_speculative_tokens="
+                                   f"{self.num_speculative_tokens}, the tokens vLLM schedules per step: set it to "
+                                   "their maximum (vllm_eagle.speculative_kwargs does this)")
         if not os.path.isdir(self.head):
             raise EagleOptionError(f"EAGLE head folder {self.head!r} does not exist: pass a folder with config.json and "
                                    "model.safetensors (e.g. vllm_eagle.default_head())")
@@ -84,11 +95,12 @@ class EagleOptions:
         unknown = set(extra) - {f for f in cls.__dataclass_fields__ if f != "num_speculative_tokens"}
         if unknown:
             raise EagleOptionError(f"unknown {CONFIG_KEY} option(s) {sorted(unknown)}; known: head, tree, depth, top_k, "
-                                   "feature_layers, draft_vocab, adaptive, lookup")
+                                   "feature_layers, draft_vocab, adaptive, lookup, chain_k")
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
                    depth=extra.get("depth", DYNAMIC_DEFAULTS["depth"]), top_k=extra.get("top_k", DYNAMIC_DEFAULTS["top_k"]),
                    feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)),
-                   adaptive=bool(extra.get("adaptive", True)), lookup=bool(extra.get("lookup", False)))
+                   adaptive=bool(extra.get("adaptive", True)), lookup=extra.get("lookup", 0),
+                   chain_k=extra.get("chain_k", 0))
 
 
 def validate_against_target(head: str, target: str | None) -> None:
@@ -104,7 +116,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
                        depth: int = DYNAMIC_DEFAULTS["depth"], top_k: int = DYNAMIC_DEFAULTS["top_k"],
                        total_tokens: int | None = None, target: str | None = None,
                        feature_layers: tuple[int, ...] = (), draft_vocab: bool = True, adaptive: bool = True,
-                       lookup: bool = False, k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
+                       lookup: int = 0, k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
     tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic"
@@ -118,8 +130,9 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     KV keeps being committed so speculation resumes when load drops).
     adaptive=True (default): per step and batch-size bucket, speculate only if steps with drafts have measured more
     tokens per second than steps without (adapt.py); False drafts every step (fixed shape, e.g. for measuring tau).
-    lookup=True (chains only): a row whose context has met its last 2-4 tokens before drafts the K tokens that
-    followed them there (prompt lookup, lookup.py) instead of running the head; output is unchanged.
+    lookup=N (chains only): a row whose context has met its last 2-4 tokens before drafts the N tokens that
+    followed them there (prompt lookup, lookup.py) instead of running the head's chain of num_speculative_tokens;
+    vLLM then schedules up to max(K, N) drafts per row. Output is unchanged.
     """
     if tree == DYNAMIC:
         num_speculative_tokens = next((k for k in (total_tokens, num_speculative_tokens) if k is not None),
@@ -134,9 +147,12 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
         except TreeSpecError as e:
             raise EagleOptionError(f"tree: {e}") from None
     k = CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens
+    chain_k = 0
+    if tree == "chain" and isinstance(lookup, int) and not isinstance(lookup, bool) and lookup > 0:
+        chain_k, k = k, max(k, lookup)          # vLLM schedules up to the longer of the two per row (EagleOptions checks)
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=k, tree=tree, depth=depth, top_k=top_k,
                         feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive,
-                        lookup=lookup)
+                        lookup=lookup, chain_k=chain_k)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

@@ -90,6 +90,9 @@ def add_eagle_args(parser) -> None:
     g.add_argument("--eagle-depth", type=int, default=None, help="dynamic trees: draft forwards per step (default 4)")
     g.add_argument("--eagle-top-k", type=int, default=None,
                    help="dynamic trees: children per expanded node and nodes expanded per depth (default 4)")
+    g.add_argument("--eagle-lookup", type=int, default=0, metavar="N",
+                   help="chains: rows whose context repeats its tail draft the N tokens that followed it (prompt "
+                        "lookup) instead of running the head (default 0 = off)")
 
 
 def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
@@ -102,7 +105,8 @@ def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
     dyn = {k: v for k, v in (("depth", args.eagle_depth), ("top_k", args.eagle_top_k)) if v is not None}
     if dyn and args.eagle_tree != "dynamic":
         raise ValueError("--eagle-depth/--eagle-top-k apply to --eagle-tree dynamic only")
-    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model, **dyn)
+    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model,
+                            lookup=getattr(args, "eagle_lookup", 0), **dyn)
     engine_args.speculative_config = kw["speculative_config"]
     engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: kw["additional_config"][CONFIG_KEY]}
     if engine_args.worker_cls not in ("auto", kw["worker_cls"]):

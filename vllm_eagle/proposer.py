@@ -59,6 +59,7 @@ class ProposerStats:
     kv_commit_s: float = 0.0    # moving accepted nodes' KV (kv_commit.commit_accepted_kv)
     gated_steps: int = 0        # steps the load-adaptive gate kept from drafting (adapt.py)
     lookup_drafts: int = 0      # rows drafted by prompt lookup instead of the head (options.lookup)
+    lookup_only_steps: int = 0  # gated steps on which the lookup gate still let lookup rows draft
 
 
 class EagleProposer:
@@ -77,8 +78,10 @@ class EagleProposer:
         self.tree = None if self.options.tree in ("chain", DYNAMIC) else compile_tree(self.options.tree)
         self.drafted_trees: dict[str, TreeBuffers] = {}   # req_id -> tree of the drafts last returned (not chains)
         self.gate = SpeculationGate() if self.options.adaptive else None
-        self._last_decision: tuple[float, bool, frozenset, bool] | None = None   # gate: (call start, drafted?,
-        #                                                                            requests, sampled?)
+        # With lookup, a step the gate keeps from drafting can still draft its lookup rows (no head forward, only
+        # verify work): a second gate decides that, on gated steps only, by measuring lookup-only vs plain steps.
+        self.lookup_gate = SpeculationGate() if self.options.adaptive and self.options.lookup else None
+        self._last_decision: tuple | None = None    # (call start, head drafted?, requests, sampled?, lookup-only?)
         self._step_start = 0.0
 
     def load_model(self, target: torch.nn.Module) -> None:
@@ -138,9 +141,12 @@ class EagleProposer:
         if self.gate is not None and self._last_decision is not None and fb.num_emitted is not None:
             # The interval since the previous call measures that call's decision: its drafting + this step, if this
             # step ran the same requests (adapt.SpeculationGate.comparable).
-            start, on, req_ids, sampled = self._last_decision
+            start, on, req_ids, sampled, lookup_only = self._last_decision
             if self.gate.comparable(req_ids, fb.req_ids):
-                self.gate.record(len(req_ids), on, t0 - start, float(fb.num_emitted.mean()), sampled)
+                tokens = float(fb.num_emitted.mean())
+                self.gate.record(len(req_ids), on, t0 - start, tokens, sampled)
+                if lookup_only is not None:                # a gated step: it also measures the lookup gate's choice
+                    self.lookup_gate.record(len(req_ids), lookup_only, t0 - start, tokens, sampled)
         self._last_decision = None
         try:
             self._step_start = t0
@@ -156,7 +162,8 @@ class EagleProposer:
             n = min(num_drafts, self.options.num_speculative_tokens)
             return None, _chain(min(n, self.options.depth))
         if self.tree is None:
-            return _chain(num_drafts), _chain(num_drafts)
+            k = min(num_drafts, self.options.chain_k or num_drafts)       # the head's chain (lookup may draft more)
+            return _chain(k), _chain(k)
         n = min(num_drafts, self.tree.num_nodes - 1)
         tree = self.tree if n == self.tree.num_nodes - 1 else _prefix_tree(self.tree.paths, n)
         return tree, _chain(min(n, tree.max_depth))
@@ -169,19 +176,23 @@ class EagleProposer:
         out: list[list[int]] = [[] for _ in fb.req_ids]
         if fb.num_drafts <= 0:
             return out
-        gated = False
+        gated, lookup_only = False, None
         if self.gate is not None:
             gated = not self.gate.speculate(len(fb.req_ids), fb.sampled)
-            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids), fb.sampled)
+            if gated and self.lookup_gate is not None:
+                lookup_only = self.lookup_gate.speculate(len(fb.req_ids), fb.sampled)
+                self.stats.lookup_only_steps += lookup_only
+            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids), fb.sampled, lookup_only)
             self.stats.gated_steps += gated
         tree, chain = self.shapes(fb.num_drafts)
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
         if self.gate is not None:
             # Under the gate, requests with a seed never draft: drafts change which random numbers a sampled token
             # uses, and timing must not decide a seeded output. Their output is then vanilla's for that seed.
-            fits &= ~fb.seeded & (not gated)
-        if self.options.lookup:
+            fits &= ~fb.seeded
+        if self.options.lookup and (not gated or lookup_only):
             fits = fits & ~self._lookup(fb, np.nonzero(fits)[0], pos_last, out)
+        fits &= not gated
         if self.tree is None and not self.dynamic:
             groups = [(tree, fits)]
         else:
@@ -203,12 +214,12 @@ class EagleProposer:
         return out
 
     def _lookup(self, fb: FeatureBatch, rows: np.ndarray, pos_last: np.ndarray, out: list[list[int]]) -> np.ndarray:
-        """Prompt-lookup drafts of K tokens into out[r] for the rows whose context allows one -> [num_reqs] bool: rows
-        drafted. Row r's committed tokens are token_ids[r, :p + 2] (p = pos_last[r]: its last entry, whose next
-        token is the one just sampled)."""
-        hit = np.zeros(len(fb.req_ids), dtype=bool)
+        """Prompt-lookup drafts of min(K, options.lookup) tokens into out[r] for the rows whose context allows one ->
+        [num_reqs] bool: rows drafted. Row r's committed tokens are token_ids[r, :p + 2] (p = pos_last[r]: its last
+        entry, whose next token is the one just sampled)."""
+        hit, k = np.zeros(len(fb.req_ids), dtype=bool), min(fb.num_drafts, self.options.lookup)
         for r in rows.tolist():
-            out[r] = lookup_draft(fb.token_ids[r, : pos_last[r] + 2], fb.num_drafts)
+            out[r] = lookup_draft(fb.token_ids[r, : pos_last[r] + 2], k)
             hit[r] = bool(out[r])
         self.stats.lookup_drafts += int(hit.sum())
         return hit

@@ -114,7 +114,8 @@ class EagleCPUWorker(CPUWorker):
         if not isinstance(drafter, EagleProposer):
             return {}
         out = dict(vars(drafter.stats), draft_kv_requests=len(drafter.kv),   # requests holding head KV now
-                   gate=drafter.gate.summary() if drafter.gate is not None else None)
+                   gate=drafter.gate.summary() if drafter.gate is not None else None,
+                   lookup_gate=drafter.lookup_gate.summary() if drafter.lookup_gate is not None else None)
         if reset:
             drafter.stats = type(drafter.stats)()
         return out
