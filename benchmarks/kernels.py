@@ -1,6 +1,7 @@
 """Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, the
 paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced), one layer of
-tree attention (vLLM's stock kernel alone vs with our recompute of the tree rows), and the draft head's GEMMs (F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
+tree attention (vLLM's stock kernel alone vs with our recompute of the tree rows), and the draft head's GEMMs
+(F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
 
     python -m benchmarks.kernels [--reps 50]
 
@@ -115,7 +116,8 @@ def tree_attention_rows(reps: int) -> list[dict]:
     cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))
     try:
         impls = [cls(num_heads=H_Q, head_size=D, scale=D ** -0.5, num_kv_heads=H_KV, alibi_slopes=None,
-                     sliding_window=None, kv_cache_dtype="auto") for cls in (CPUAttentionBackendImpl, TreeCPUAttentionImpl)]
+                     sliding_window=None, kv_cache_dtype="auto")
+                 for cls in (CPUAttentionBackendImpl, TreeCPUAttentionImpl)]
     finally:
         cpu_attn.get_current_vllm_config = config
     rows = []

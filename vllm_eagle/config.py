@@ -148,8 +148,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
             raise EagleOptionError(f"tree: {e}") from None
     k = CHAIN_DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens
     chain_k = 0
-    if tree == "chain" and isinstance(lookup, int) and not isinstance(lookup, bool) and lookup > 0:
-        chain_k, k = k, max(k, lookup)          # vLLM schedules up to the longer of the two per row (EagleOptions checks)
+    if tree == "chain" and isinstance(lookup, int) and lookup > 0:     # (EagleOptions refuses a bool or a non-int)
+        chain_k, k = k, max(k, lookup)          # vLLM schedules up to the longer of the two per row
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=k, tree=tree, depth=depth, top_k=top_k,
                         feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive,
                         lookup=lookup, chain_k=chain_k)

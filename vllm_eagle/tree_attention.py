@@ -4,9 +4,9 @@ vLLM's CPU kernel only knows causal masks, under which tree node i would see eve
 siblings included. So after the kernel has run, the tree rows of all TreeRows are recomputed together, one torch
 SDPA per layer in the cache's dtype over each request's prefix (gathered from the paged cache in whole pages,
 kv_layout.py) plus the tree's own K/V (this step's `key`/`value`), masked by the ancestors. Rows are padded to the
-step's largest tree and prefix; what the layers share (pages, query rows, mask) is planned once per step. Cost: one extra attention over
-prefix + tree for tree requests only; chains and other requests keep the kernel's output untouched. See verify.py
-for the layout of a tree step.
+step's largest tree and prefix; what the layers share (pages, query rows, mask) is planned once per step. Cost: one
+extra attention over prefix + tree for tree requests only; chains and other requests keep the kernel's output
+untouched. See verify.py for the layout of a tree step.
 """
 from __future__ import annotations
 
