@@ -69,7 +69,8 @@ DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0
 
 
 def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
-            dynamic: list[tuple[int, int, int]] = (), fixed: bool = False, lookups: list[int] = ()) -> list[Config]:
+            dynamic: list[tuple[int, int, int]] = (), fixed: bool = False, lookups: list[int] = (),
+            confidences: list[float] = ()) -> list[Config]:
     """fixed=True adds each of ours again with adaptive=False ("-fixed": every step drafts; its c and v(K) are the
     cost model of the shape, while the adaptive rows' mix gated steps in)."""
     import vllm_eagle
@@ -87,6 +88,10 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
             for n in lookups:
                 out.append(Config(f"ours-chain-k{k}-lookup{n}", vllm_eagle.speculative_kwargs(
                     head, num_speculative_tokens=k, lookup=n), max(k, n), k))
+        if "confident" in which:    # ours with chains cut where the head's cumulative draft probability is below p
+            for c in confidences:
+                out.append(Config(f"ours-chain-k{k}-conf{c:g}", vllm_eagle.speculative_kwargs(
+                    head, num_speculative_tokens=k, min_confidence=c), k, k))
     if "ours" in which:
         from vllm_eagle.tree import compile_tree
         for t in trees:
@@ -120,9 +125,9 @@ def workloads(tokenizer, names: list[str], n: int) -> dict[str, list[str]]:
         from vllm_eagle.train.data import parse_sharegpt
         with open(sharegpt_path(), encoding="utf-8") as f:
             recs = parse_sharegpt(f.read())         # 11,128 usable conversations, parsed in ~2 s
-        # Held out from head training, which takes conversations from the front (the shipped head: the first 7,000):
+        # Held out from head training, which takes conversations from the front (the shipped head: the first 10,500):
         # the last conversations of the file, short prompts only.
-        picked = [r["prompt"] for r in reversed(recs[7000:]) if len(r["prompt"]) < 1500][:n]
+        picked = [r["prompt"] for r in reversed(recs[10500:]) if len(r["prompt"]) < 1500][:n]
         out["sharegpt"] = chat_prompts(tokenizer, picked)
     return out
 
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="EAGLE-2 dynamic trees for ours")
     p.add_argument("--lookups", nargs="*", type=int, default=[4], metavar="N",
                    help="prompt-lookup draft lengths for the 'lookup' configuration (ours + lookup=N)")
+    p.add_argument("--confidences", nargs="*", type=float, default=[0.2], metavar="P",
+                   help="min_confidence values for the 'confident' configuration (ours, chains cut below P)")
     p.add_argument("--fixed", action="store_true", help="also run ours with adaptive=False (cost model per shape)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-per-batch", type=int, default=2, help="prompts per run = max(bs * this, --min-prompts)")
@@ -444,7 +451,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}{'-quick' if a.quick else ''}")
     cmd = "python -m benchmarks.run " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     dynamic = [tuple(int(x) for x in d.split(",")) for d in a.dynamic]
-    cfgs = configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed, a.lookups)
+    cfgs = configs(head, a.ks, a.configs, a.trees, dynamic, a.fixed, a.lookups, a.confidences)
     for rnd, cfg in [(r, c) for r in range(a.rounds) for c in cfgs]:
         print(f"[bench] {cfg.name}" + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""), flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,

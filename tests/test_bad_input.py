@@ -139,6 +139,9 @@ def test_invalid_trees(tiny_random_head, tree, msg):
     (dict(tree="dynamic", lookup=4), "lookup drafts chains; it cannot be combined with tree='dynamic'"),
     (dict(lookup=True), r"lookup must be a draft length .*got True \(e.g. lookup=4\)"),
     (dict(lookup=-1), r"lookup must be a draft length .*got -1"),
+    (dict(min_confidence=1.0), r"min_confidence must be a probability in \[0, 1\) \(0 = off\), got 1.0"),
+    (dict(min_confidence="0.3"), r"min_confidence must be a probability .*got '0.3'"),
+    (dict(tree="dynamic", min_confidence=0.3), "min_confidence cuts chains; trees choose their nodes themselves"),
 ])
 def test_invalid_lookup(tiny_random_head, kwargs, msg):
     with pytest.raises(EagleOptionError, match=msg):

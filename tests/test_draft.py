@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_eagle.draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
+from vllm_eagle.draft import commit_entries, draft_chain, draft_dynamic, draft_tree, dynamic_tree_paths
 from vllm_eagle.draft_head import EagleHead, HeadConfig, attend
 from vllm_eagle.draft_kv import DraftKVCache
 from vllm_eagle.features import FeatureBatch
@@ -47,16 +47,19 @@ def reference_feature(head, embed_w, entry_f, entry_t):
 
 
 def reference_drafts(head, embed_w, lm_w, feats, tokens, k):
-    """feats [p+1, H] true features f_0..f_p; tokens [p+2] t_0..t_{p+1} -> k greedy draft ids."""
+    """feats [p+1, H] true features f_0..f_p; tokens [p+2] t_0..t_{p+1} -> (k greedy draft ids, their cumulative
+    draft log-probabilities)."""
     entry_f, entry_t = list(feats), list(tokens[1:])
-    out = []
+    out, logprob = [], [0.0]
     for _ in range(k):
         g = reference_feature(head, embed_w, entry_f, entry_t)
-        tok = int((g @ lm_w.T).argmax())
+        lp = (g @ lm_w.T).log_softmax(-1)
+        tok = int(lp.argmax())
         out.append(tok)
+        logprob.append(logprob[-1] + float(lp[tok]))
         entry_f.append(g)
         entry_t.append(tok)
-    return out
+    return out, logprob[1:]
 
 
 def reference_tree(head, embed_w, lm_w, feats, tokens, paths):
@@ -103,9 +106,23 @@ def test_commit_and_chain_match_reference():
         pos_last = np.array([8, 5])
         got = draft_tree(head, kv, ["a", "b"], x[torch.from_numpy(last[:2])], pos_last, chain(3),
                          lambda t: embed_w[t], lambda h, k: (h @ lm_w.T).topk(k, dim=-1).indices)
+        topk_logprobs = lambda h, k: (h @ lm_w.T).log_softmax(-1).topk(k, dim=-1)    # noqa: E731
+        x_last = x[torch.from_numpy(last[:2])]
+        tokens, logprob = draft_chain(head, kv, ["a", "b"], x_last, pos_last, 3, lambda t: embed_w[t], topk_logprobs)
         for b, (r, p) in enumerate((("a", 8), ("b", 5))):
-            want = reference_drafts(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], 3)
-            assert got[b].tolist() == want, r
+            want, want_lp = reference_drafts(head, embed_w, lm_w, feats[r][: p + 1], seqs[r][: p + 2], 3)
+            assert got[b].tolist() == want == tokens[b].tolist(), r
+            torch.testing.assert_close(logprob[b], torch.tensor(want_lp), rtol=1e-5, atol=1e-5)
+        # A floor above every row's first draft: drafting stops after depth 1, the rest reads "not drafted".
+        floor = float(logprob[:, 0].max()) + 0.1
+        cut_tokens, cut_lp = draft_chain(head, kv, ["a", "b"], x_last, pos_last, 3, lambda t: embed_w[t],
+                                         topk_logprobs, floor)
+        assert torch.equal(cut_tokens[:, 0], tokens[:, 0]) and torch.equal(cut_lp[:, 0], logprob[:, 0])
+        assert cut_tokens[:, 1:].eq(0).all() and cut_lp[:, 1:].eq(-float("inf")).all()
+        # A floor between the rows' first drafts: the confident row keeps drafting, so both rows get depth 2.
+        floor = float(logprob[:, 0].mean())
+        _, mid_lp = draft_chain(head, kv, ["a", "b"], x_last, pos_last, 3, lambda t: embed_w[t], topk_logprobs, floor)
+        assert torch.isfinite(mid_lp[:, 1]).all()
 
 
 def test_tree_matches_per_branch_reference():

@@ -34,15 +34,17 @@ TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]
 TAU: dict = {}                                             # (K, tree, lookup) -> tau on the shipped head
 
 
-@pytest.mark.parametrize("k,tree,lookup", [(1, "chain", 0), (3, "chain", 0), (5, "chain", 0), (3, "chain", 5),
-                                           (8, TREE, 0), (8, "dynamic", 0)])
-def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k, tree, lookup):
-    """Chains (K = 1, 3, 5; K = 3 again with rows whose context repeats drafting 5 tokens by prompt lookup), a static
-    tree and an EAGLE-2 dynamic tree (8 nodes: masks, tree positions and KV commit on a real model)."""
+@pytest.mark.parametrize("k,tree,lookup,confidence", [(1, "chain", 0, 0), (3, "chain", 0, 0), (5, "chain", 0, 0.2),
+                                                      (3, "chain", 5, 0), (8, TREE, 0, 0), (8, "dynamic", 0, 0)])
+def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k, tree, lookup,
+                                             confidence):
+    """Chains (K = 1, 3; K = 5 cut where the head's cumulative draft probability falls below 0.2, so rows draft 0-5
+    tokens; K = 3 again with rows whose context repeats drafting 5 tokens by prompt lookup), a static tree and an
+    EAGLE-2 dynamic tree (8 nodes: masks, tree positions and KV commit on a real model)."""
     assert len(mtbench_prompts) == 16
     llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, tree=tree,
                                                           target=smollm2, adaptive=False,       # every step drafts
-                                                          lookup=lookup))
+                                                          lookup=lookup, min_confidence=confidence))
     for one_at_a_time in (True, False):
         got = generate(llm, mtbench_prompts, one_at_a_time)
         assert len(got) == len(vanilla[one_at_a_time]) == 16
@@ -56,6 +58,9 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
     assert (stats["lookup_drafts"] > 0) == (lookup > 0), stats
     if lookup:
         assert k * c["drafts"] < c["draft_tokens"] < lookup * c["drafts"], (c, stats)
+    elif confidence:                                       # some chains were cut, some ran to k
+        assert stats["confidence_cut"] > 0 and c["draft_tokens"] < k * c["drafts"], (c, stats)
+        assert len(c["accepted_tokens_per_pos"]) == k and c["accepted_tokens_per_pos"][k - 1] > 0, c
     else:
         assert c["draft_tokens"] == k * c["drafts"] > 0, c
     assert c["accepted_tokens"] > 0, c                     # the trained head is accepted on the real model

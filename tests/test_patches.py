@@ -94,6 +94,7 @@ def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
     lookup = parse("--eagle-lookup", "4")                 # head chain of 2 (the default), lookup drafts of 4
     assert lookup.speculative_config["num_speculative_tokens"] == 4
     assert {k: lookup.additional_config["vllm_eagle"][k] for k in ("lookup", "chain_k")} == {"lookup": 4, "chain_k": 2}
+    assert parse("--eagle-min-confidence", "0.25").additional_config["vllm_eagle"]["min_confidence"] == 0.25
 
 
 def test_top_k_on_an_empty_spec_batch_upstream_bug_and_our_fix():

@@ -34,6 +34,8 @@ def generate(argv: list[str]) -> None:
     p.add_argument("--top-k", type=int, default=4, help="dynamic trees: children per expanded node")
     p.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="chains: rows whose context repeats draft N tokens by prompt lookup instead of the head")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                   help="chains: cut head drafts whose cumulative draft probability is below P (0 = off)")
     p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
@@ -48,7 +50,7 @@ def generate(argv: list[str]) -> None:
     head = a.head or vllm_eagle.default_head()
     dyn = {"depth": a.depth, "top_k": a.top_k} if a.tree == "dynamic" else {}
     spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=a.num_speculative_tokens, tree=a.tree,
-                                         target=target, lookup=a.lookup, **dyn)
+                                         target=target, lookup=a.lookup, min_confidence=a.min_confidence, **dyn)
     k = spec["speculative_config"]["num_speculative_tokens"]
     questions = a.prompt or [q["turns"][0] for q in mtbench_questions()[:4]]
     prompts = chat_prompts(AutoTokenizer.from_pretrained(target), questions)

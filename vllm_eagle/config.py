@@ -40,6 +40,8 @@ class EagleOptions:
                                                   # (no head forward; lookup.py); the others draft the head's chain
     chain_k: int = 0                              # with lookup: the head's chain length (0 = num_speculative_tokens,
                                                   # which is then max(chain_k, lookup): vLLM's per-step budget)
+    min_confidence: float = 0.0                   # chains: a row's head drafts stop where their cumulative draft
+                                                  # probability falls below this (EAGLE-2's confidence; 0 = off)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
@@ -76,6 +78,13 @@ class EagleOptions:
         if self.lookup and self.tree != "chain":
             raise EagleOptionError(f"lookup drafts chains; it cannot be combined with tree={self.tree!r}: use "
                                    "tree='chain' or lookup=0")
+        c = self.min_confidence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1:
+            raise EagleOptionError(f"min_confidence must be a probability in [0, 1) (0 = off), got {c!r} "
+                                   "(e.g. min_confidence=0.2)")
+        if c and self.tree != "chain":
+            raise EagleOptionError(f"min_confidence cuts chains; trees choose their nodes themselves (tree="
+                                   f"{self.tree!r}): use tree='chain' or min_confidence=0")
         if max(self.lookup, self.chain_k) > self.num_speculative_tokens:
             raise EagleOptionError(f"lookup={self.lookup} / chain_k={self.chain_k} exceed num_speculative_tokens="
                                    f"{self.num_speculative_tokens}, the tokens vLLM schedules per step: set it to "
@@ -95,12 +104,12 @@ class EagleOptions:
         unknown = set(extra) - {f for f in cls.__dataclass_fields__ if f != "num_speculative_tokens"}
         if unknown:
             raise EagleOptionError(f"unknown {CONFIG_KEY} option(s) {sorted(unknown)}; known: head, tree, depth, top_k, "
-                                   "feature_layers, draft_vocab, adaptive, lookup, chain_k")
+                                   "feature_layers, draft_vocab, adaptive, lookup, chain_k, min_confidence")
         return cls(head=extra["head"], num_speculative_tokens=k, tree=extra.get("tree", "chain"),
                    depth=extra.get("depth", DYNAMIC_DEFAULTS["depth"]), top_k=extra.get("top_k", DYNAMIC_DEFAULTS["top_k"]),
                    feature_layers=tuple(extra.get("feature_layers", ())), draft_vocab=bool(extra.get("draft_vocab", True)),
                    adaptive=bool(extra.get("adaptive", True)), lookup=extra.get("lookup", 0),
-                   chain_k=extra.get("chain_k", 0))
+                   chain_k=extra.get("chain_k", 0), min_confidence=extra.get("min_confidence", 0.0))
 
 
 def validate_against_target(head: str, target: str | None) -> None:
@@ -116,7 +125,8 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
                        depth: int = DYNAMIC_DEFAULTS["depth"], top_k: int = DYNAMIC_DEFAULTS["top_k"],
                        total_tokens: int | None = None, target: str | None = None,
                        feature_layers: tuple[int, ...] = (), draft_vocab: bool = True, adaptive: bool = True,
-                       lookup: int = 0, k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
+                       lookup: int = 0, min_confidence: float = 0.0,
+                       k_by_batch_size: list[tuple[int, int, int]] | None = None) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **speculative_kwargs(HEAD, num_speculative_tokens=K))`.
 
     tree: "chain" (K = num_speculative_tokens, default CHAIN_DEFAULT_K = 2), path tuples (K = its nodes) or "dynamic"
@@ -133,6 +143,9 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     lookup=N (chains only): a row whose context has met its last 2-4 tokens before drafts the N tokens that
     followed them there (prompt lookup, lookup.py) instead of running the head's chain of num_speculative_tokens;
     vLLM then schedules up to max(K, N) drafts per row. Output is unchanged.
+    min_confidence=p (chains only): each row's head chain stops before the first draft whose cumulative draft
+    probability (the head's softmax over its draft vocabulary, multiplied along the chain) is below p, and drafting
+    stops once no row is above it: fewer tokens to verify and fewer draft forwards where drafts would be rejected.
     """
     if tree == DYNAMIC:
         num_speculative_tokens = next((k for k in (total_tokens, num_speculative_tokens) if k is not None),
@@ -152,7 +165,7 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
         chain_k, k = k, max(k, lookup)          # vLLM schedules up to the longer of the two per row
     opts = EagleOptions(head=os.path.abspath(head), num_speculative_tokens=k, tree=tree, depth=depth, top_k=top_k,
                         feature_layers=tuple(feature_layers), draft_vocab=draft_vocab, adaptive=adaptive,
-                        lookup=lookup, chain_k=chain_k)
+                        lookup=lookup, chain_k=chain_k, min_confidence=min_confidence)
     try:
         validate_against_target(opts.head, target)
     except HeadConfigError as e:

@@ -8,6 +8,7 @@ t_10 from g_0, and a child's entry (g_0, t_10) runs at 9 to draft t_11 for the g
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -110,6 +111,45 @@ def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: to
         v_pad[batch, cols] = v.unflatten(0, (B, m)).float()
         x, q = x.unflatten(0, (B, m)), q.unflatten(0, (B, m))
     return tokens[:, 1:]
+
+
+def draft_chain(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,
+                k: int, embed: Callable[[torch.Tensor], torch.Tensor],
+                topk_logprobs: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+                min_logprob: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chain of up to k greedy drafts per request, with their confidences (the tokens of draft_tree on a chain).
+
+    x_last [B, H] fc output of each request's root entry; pos_last [B] its position p.
+    -> tokens [B, k] int64, logprob [B, k] float32: the cumulative draft log-probability of drafts 1..d (the head's
+       log-softmax of its best token, summed along the chain). Drafting stops after the depth at which every row's
+       logprob fell below min_logprob; the depths not drafted hold token 0 and logprob -inf.
+
+    Depth d's query is the entry at p + d - 1 (the root's for d = 1, then the entry (g, draft d - 1)) and sees scratch
+    columns 0..p + d - 1: the committed entries, then the chain's own. E.g. p = 8, k = 3: depth 1 asks from column 8,
+    depth 2 writes column 9 and asks from it, depth 3 writes column 10.
+    """
+    B = len(req_ids)
+    pos = torch.as_tensor(pos_last)                                                    # [B]
+    k_pad, v_pad = kv.scratch(req_ids, (pos_last + 1).tolist(), extra=k - 1)           # [B, T, nkv, hd]
+    cols = torch.arange(k_pad.shape[1])[None, :]                                       # [1, T]
+    batch = torch.arange(B)
+    tokens = torch.zeros(B, k, dtype=torch.int64)
+    logprob = torch.full((B, k), -math.inf)
+    x, q = x_last, head.qkv(x_last, pos)[0]                                            # [B, H], [B, nh, hd]
+    total = torch.zeros(B)
+    for d in range(1, k + 1):
+        mask = cols <= (pos + d - 1)[:, None]                                          # [B, T]
+        g = head.finish(x[:, None], attend(q[:, None], k_pad, v_pad, mask[:, None]))[:, 0]   # [B, H]
+        lp, tok = topk_logprobs(g, 1)                                                  # [B, 1] each
+        tokens[:, d - 1], total = tok[:, 0], total + lp[:, 0].float()
+        logprob[:, d - 1] = total
+        if d == k or bool((total < min_logprob).all()):
+            break
+        x = head.project(embed(tokens[:, d - 1]), g)                                   # entry (g, draft d) at p + d
+        q, k_new, v_new = head.qkv(x, pos + d)
+        k_pad[batch, pos + d] = k_new.float()
+        v_pad[batch, pos + d] = v_new.float()
+    return tokens, logprob
 
 
 def draft_dynamic(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: torch.Tensor, pos_last: np.ndarray,

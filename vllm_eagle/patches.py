@@ -93,6 +93,9 @@ def add_eagle_args(parser) -> None:
     g.add_argument("--eagle-lookup", type=int, default=0, metavar="N",
                    help="chains: rows whose context repeats its tail draft the N tokens that followed it (prompt "
                         "lookup) instead of running the head (default 0 = off)")
+    g.add_argument("--eagle-min-confidence", type=float, default=0.0, metavar="P",
+                   help="chains: cut each row's head drafts before the first whose cumulative draft probability is "
+                        "below P (default 0 = off)")
 
 
 def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
@@ -106,7 +109,8 @@ def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
     if dyn and args.eagle_tree != "dynamic":
         raise ValueError("--eagle-depth/--eagle-top-k apply to --eagle-tree dynamic only")
     kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model,
-                            lookup=getattr(args, "eagle_lookup", 0), **dyn)
+                            lookup=getattr(args, "eagle_lookup", 0),
+                            min_confidence=getattr(args, "eagle_min_confidence", 0.0), **dyn)
     engine_args.speculative_config = kw["speculative_config"]
     engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: kw["additional_config"][CONFIG_KEY]}
     if engine_args.worker_cls not in ("auto", kw["worker_cls"]):

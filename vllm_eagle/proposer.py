@@ -7,6 +7,7 @@ rejection sampler, so greedy output is the target's and sampled output follows t
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 
 from .adapt import SpeculationGate
 from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
-from .draft import commit_entries, draft_dynamic, draft_tree, dynamic_tree_paths
+from .draft import commit_entries, draft_chain, draft_dynamic, draft_tree, dynamic_tree_paths
 from .draft_head import EagleHead, Linear, check_head_matches_target, load_draft_vocab, read_config, torch_linear
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
@@ -60,6 +61,7 @@ class ProposerStats:
     gated_steps: int = 0        # steps the load-adaptive gate kept from drafting (adapt.py)
     lookup_drafts: int = 0      # rows drafted by prompt lookup instead of the head (options.lookup)
     lookup_only_steps: int = 0  # gated steps on which the lookup gate still let lookup rows draft
+    confidence_cut: int = 0     # head chain drafts not proposed: below options.min_confidence (or never drafted)
 
 
 class EagleProposer:
@@ -194,9 +196,11 @@ class EagleProposer:
             fits = fits & ~self._lookup(fb, np.nonzero(fits)[0], pos_last, out)
         fits &= not gated
         if self.tree is None and not self.dynamic:
-            groups = [(tree, fits)]
-        else:
-            groups = [(tree, fits & fb.tree_ok), (chain, fits & ~fb.tree_ok)]
+            rows = np.nonzero(fits)[0]
+            if len(rows):
+                self._draft_chain(fb, rows, x[torch.from_numpy(last[rows])], pos_last[rows], chain.num_nodes - 1, out)
+            return out
+        groups = [(tree, fits & fb.tree_ok), (chain, fits & ~fb.tree_ok)]
         for shape, selected in groups:
             rows = np.nonzero(selected)[0]
             if len(rows) == 0:
@@ -212,6 +216,19 @@ class EagleProposer:
                 if shape.num_nodes > shape.max_depth + 1:              # a real tree: verify.py lays it out
                     self.drafted_trees[fb.req_ids[r]] = shape
         return out
+
+    def _draft_chain(self, fb: FeatureBatch, rows: np.ndarray, x_last: torch.Tensor, pos_last: np.ndarray, k: int,
+                     out: list[list[int]]) -> None:
+        """The head's chains of up to k drafts for `rows`, each cut before its first draft whose cumulative draft
+        probability is below options.min_confidence. E.g. min_confidence 0.3, draft probabilities 0.9, 0.5, 0.8 ->
+        cumulative 0.9, 0.45, 0.36: all three kept; 0.6, 0.4 -> 0.6, 0.24: the first one only."""
+        floor = math.log(self.options.min_confidence) if self.options.min_confidence > 0 else -math.inf
+        tokens, logprob = draft_chain(self.head, self.kv, [fb.req_ids[r] for r in rows], x_last, pos_last, k,
+                                      self.embed, self.topk_logprobs, floor)
+        keep = (logprob >= floor).sum(1)                # [len(rows)]: cumulative log-probs only fall along a chain
+        self.stats.confidence_cut += int(k * len(rows) - keep.sum())
+        for r, d, n in zip(rows.tolist(), tokens.tolist(), keep.tolist()):   # host sync: the scheduler wants lists
+            out[r] = d[:n]
 
     def _lookup(self, fb: FeatureBatch, rows: np.ndarray, pos_last: np.ndarray, out: list[list[int]]) -> np.ndarray:
         """Prompt-lookup drafts of min(K, options.lookup) tokens into out[r] for the rows whose context allows one ->
