@@ -74,13 +74,12 @@ def gather_rows(reps: int) -> list[dict]:
     """The tree-attention prefix gather: SmolLM2's per-layer cache shape (3 KV heads, head 64), 8 requests (a batch-8
     tree step) of 300 prefix tokens each."""
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     from vllm_eagle import kv_layout
     current_platform.import_kernels()
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
+    amx = torch.cpu._is_amx_tile_supported()      # amx pages only with AMX tiles, as in tests/test_tree_attention.py
+    for dtype, isa in ((torch.bfloat16, "amx" if amx else "vec"), (torch.float32, "vec")):
         for bs in (32, 128):
-            isa = _get_attn_isa(dtype, bs, 64)          # the page layout vLLM picks on this CPU (amx needs AMX tiles)
             kv = torch.randn(200, 3, bs, 128).to(dtype)
             table = torch.randperm(200)[:8 * -(-300 // bs)].view(8, -1).int()       # [8 requests, blocks of 300]
             fast = lambda: kv_layout.gather_kv(kv, table, isa, dtype=torch.float32)   # noqa: E731
