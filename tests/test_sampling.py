@@ -153,20 +153,23 @@ def two_sample_chi2_passes(a: list[int], b: list[int]) -> tuple[bool, float, flo
 
 
 def test_smollm2_sampled_token_frequencies_match_vanilla(smollm2, smollm2_head):
-    """End to end on SmolLM2 (bf16, T=1, top-p 0.95): 600 requests with distinct seeds, vanilla vs EAGLE-2 dynamic
-    trees. The 2nd and 3rd emitted tokens (the first ones that go through tree acceptance; the 1st comes from the
-    prefill) must have the same distribution in both engines: two-sample chi-square at a false-failure probability of
-    1e-6 per check (the unit tests above show the check's power against the classic bug)."""
+    """End to end on SmolLM2 (T=1, top-p 0.95): 600 requests with distinct seeds, vanilla vs EAGLE-2 dynamic trees.
+    The 2nd and 3rd emitted tokens (the first ones that go through tree acceptance; the 1st comes from the prefill)
+    must have the same distribution in both engines: two-sample chi-square at a false-failure probability of 1e-6
+    per check (the unit tests above show the check's power against the classic bug). bf16 where the CPU has
+    AVX512-BF16; fp32 elsewhere, where vLLM runs bf16 matmuls through torch's fallback (497 s in bf16, 275 s in fp32
+    on an AVX2-only CPU)."""
     from conftest import close, make_llm, spec_counters
     from vllm import SamplingParams
 
     import vllm_eagle
     n = 600
+    dtype = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
     prompts = ["Once upon a time, in a small village,"] * n
     params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=4, seed=s, ignore_eos=True) for s in range(n)]
 
     def run(spec):
-        llm = make_llm(smollm2, spec, dtype="bfloat16", max_num_seqs=128)
+        llm = make_llm(smollm2, spec, dtype=dtype, max_num_seqs=128)
         out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
         c = spec_counters(llm)
         close(llm)
