@@ -1,7 +1,8 @@
 """Kernel micro-benchmarks: each tree kernel's host wrapper against the pure-torch reference the tests use, the
 paged-KV gather of the tree attention path (strided page views vs the element-wise gather it replaced), one layer of
-tree attention (vLLM's stock kernel alone vs with our recompute of the tree rows), and the draft head's GEMMs
-(F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses).
+tree attention (vLLM's stock kernel alone vs with our recompute of the tree rows), the draft head's GEMMs
+(F.linear vs vLLM's prepacked CPU GEMM that `EagleHead.pack(engine_linear)` uses), and the target's GEMMs by the
+number of rows they multiply (how the linear part of a verify step grows with the tokens it verifies).
 
     python -m benchmarks.kernels [--reps 50]
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "reference_us": timed(lambda: reference.tree_accept(*args), a.reps),
                      "wrapper_us": timed(lambda: kernels.tree_accept(*[x.to(device) if torch.is_tensor(x) else x
                                                                        for x in args]), a.reps)})
-    rows += gather_rows(a.reps) + tree_attention_rows(a.reps) + draft_gemm_rows(a.reps)
+    rows += gather_rows(a.reps) + tree_attention_rows(a.reps) + draft_gemm_rows(a.reps) + target_gemm_rows(a.reps)
     print(f"device: {device}; median of {a.reps} calls, microseconds\n")
     print("| kernel | shape | reference / element gather (us) | wrapper / strided (us) |\n|---|---|---|---|")
     for r in rows:
@@ -157,6 +158,30 @@ def draft_gemm_rows(reps: int) -> list[dict]:
             rows.append({"kernel": f"draft {name}", "shape": f"bf16 T={T} N={N} K={K}",
                          "reference_us": timed(lambda: torch.nn.functional.linear(x, w), reps),
                          "wrapper_us": timed(lambda: mm(x), reps)})
+    return rows
+
+
+def target_gemm_rows(reps: int) -> list[dict]:
+    """SmolLM2's GEMMs in one target forward (30 layers of q|k|v 960, o 576, gate|up 3072, down 576; the LM head
+    49,152; H 576) in bf16 over T rows: F.linear ("reference") vs engine_linear, the GEMM vLLM's linear layers run
+    ("wrapper"); layer GEMMs timed once and counted 30 times. Batch 1 verifying K drafts multiplies T = K + 1 rows,
+    batch 8 with K drafts T = 8 (K + 1): where the time grows in proportion to T (torch's bf16 fallback on a CPU
+    without AVX512-BF16), a verify step costs about T / batch plain steps in its linear part, and no draft pays at
+    batch 8 unless tau exceeds that."""
+    from vllm_eagle.proposer import engine_linear
+    shapes = {"qkv": (960, 576, 30), "o": (576, 576, 30), "gate_up": (3072, 576, 30), "down": (576, 1536, 30),
+              "lm_head": (49152, 576, 1)}                                 # (N, K, times per forward)
+    weights = {name: torch.randn(N, K).to(torch.bfloat16) for name, (N, K, _) in shapes.items()}
+    packed = {name: engine_linear(w) for name, w in weights.items()}
+    rows = []
+    for T in (1, 2, 3, 8, 16, 24):
+        ref = wrap = 0.0
+        for name, (N, K, times) in shapes.items():
+            w, x = weights[name], torch.randn(T, K).to(torch.bfloat16)
+            ref += times * timed(lambda: torch.nn.functional.linear(x, w), reps)
+            wrap += times * timed(lambda: packed[name](x), reps)
+        rows.append({"kernel": "target GEMMs, one forward", "shape": f"bf16 T={T}", "reference_us": ref,
+                     "wrapper_us": wrap})
     return rows
 
 

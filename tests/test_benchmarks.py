@@ -49,7 +49,9 @@ def test_kernel_microbenchmarks_run_on_the_shared_references():
     from benchmarks.kernels import main as kernels_main
     rows = kernels_main(["--reps", "1"])
     assert {r["kernel"] for r in rows} == {"build_tree_masks", "tree_accept", "gather_kv", "tree attention layer",
-                                           "draft fc", "draft qkv", "draft o", "draft gate_up", "draft down", "draft draft_lm_head"}
+                                           "draft fc", "draft qkv", "draft o", "draft gate_up", "draft down", "draft draft_lm_head",
+                                           "target GEMMs, one forward"}
+    assert [r["shape"] for r in rows if r["kernel"].startswith("target")] == [f"bf16 T={t}" for t in (1, 2, 3, 8, 16, 24)]
     assert all(r["reference_us"] > 0 and r["wrapper_us"] > 0 for r in rows)
 
 
