@@ -145,41 +145,45 @@ def tree_attention_rows(reps: int) -> list[dict]:
     return rows
 
 
-def draft_gemm_rows(reps: int) -> list[dict]:
-    """SmolLM2's draft-head GEMMs (H 576, fused q|k|v 960, fused gate|up 3072, an 8,192-token draft vocabulary) in
-    bf16 at a chain step's T=1 and a batch-8 tree depth's T=24: F.linear ("reference") vs engine_linear ("wrapper")."""
+# SmolLM2's decoder-layer GEMMs, name -> (N, K) of the weight [N, K] (q|k|v and gate|up fused, H 576): the target's
+# 30 layers and the draft head's one layer have the same shapes.
+LAYER_GEMMS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+
+
+def gemm_us(N: int, K: int, T: int, reps: int) -> tuple[float, float]:
+    """A bf16 weight [N, K] times x [T, K]: (F.linear us, engine_linear us), engine_linear being the GEMM vLLM's own
+    linear layers run (its prepacked CPU kernel where it has one)."""
     from vllm_eagle.proposer import engine_linear
+    w, x = torch.randn(N, K).to(torch.bfloat16), torch.randn(T, K).to(torch.bfloat16)
+    mm = engine_linear(w)
+    return timed(lambda: torch.nn.functional.linear(x, w), reps), timed(lambda: mm(x), reps)
+
+
+def draft_gemm_rows(reps: int) -> list[dict]:
+    """SmolLM2's draft-head GEMMs (fc 576 x 1152, one layer, an 8,192-token draft vocabulary) in bf16 at a chain
+    step's T=1 and a batch-8 tree depth's T=24: F.linear ("reference") vs engine_linear ("wrapper")."""
     rows = []
     for T in (1, 24):
-        for name, (N, K) in {"fc": (576, 1152), "qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576),
-                             "down": (576, 1536), "draft_lm_head": (8192, 576)}.items():
-            w, x = torch.randn(N, K).to(torch.bfloat16), torch.randn(T, K).to(torch.bfloat16)
-            mm = engine_linear(w)
-            rows.append({"kernel": f"draft {name}", "shape": f"bf16 T={T} N={N} K={K}",
-                         "reference_us": timed(lambda: torch.nn.functional.linear(x, w), reps),
-                         "wrapper_us": timed(lambda: mm(x), reps)})
+        for name, (N, K) in {"fc": (576, 1152), **LAYER_GEMMS, "draft_lm_head": (8192, 576)}.items():
+            ref, wrap = gemm_us(N, K, T, reps)
+            rows.append({"kernel": f"draft {name}", "shape": f"bf16 T={T} N={N} K={K}", "reference_us": ref,
+                         "wrapper_us": wrap})
     return rows
 
 
 def target_gemm_rows(reps: int) -> list[dict]:
-    """SmolLM2's GEMMs in one target forward (30 layers of q|k|v 960, o 576, gate|up 3072, down 576; the LM head
-    49,152; H 576) in bf16 over T rows: F.linear ("reference") vs engine_linear, the GEMM vLLM's linear layers run
-    ("wrapper"); layer GEMMs timed once and counted 30 times. Batch 1 verifying K drafts multiplies T = K + 1 rows,
-    batch 8 with K drafts T = 8 (K + 1): where the time grows in proportion to T (torch's bf16 fallback on a CPU
-    without AVX512-BF16), a verify step costs about T / batch plain steps in its linear part, and no draft pays at
-    batch 8 unless tau exceeds that."""
-    from vllm_eagle.proposer import engine_linear
-    shapes = {"qkv": (960, 576, 30), "o": (576, 576, 30), "gate_up": (3072, 576, 30), "down": (576, 1536, 30),
-              "lm_head": (49152, 576, 1)}                                 # (N, K, times per forward)
-    weights = {name: torch.randn(N, K).to(torch.bfloat16) for name, (N, K, _) in shapes.items()}
-    packed = {name: engine_linear(w) for name, w in weights.items()}
+    """SmolLM2's GEMMs in one target forward (30 layers of LAYER_GEMMS, the LM head 49,152 x 576) in bf16 over T rows:
+    F.linear ("reference") vs engine_linear ("wrapper"); layer GEMMs timed once and counted 30 times. Batch 1
+    verifying K drafts multiplies T = K + 1 rows, batch 8 with K drafts T = 8 (K + 1): where the time grows in
+    proportion to T (torch's bf16 fallback on a CPU without AVX512-BF16), a verify step costs about T / batch plain
+    steps in its linear part, and no draft pays at batch 8 unless tau exceeds that."""
+    shapes = {name: (N, K, 30) for name, (N, K) in LAYER_GEMMS.items()} | {"lm_head": (49152, 576, 1)}  # (N, K, times)
     rows = []
     for T in (1, 2, 3, 8, 16, 24):
         ref = wrap = 0.0
-        for name, (N, K, times) in shapes.items():
-            w, x = weights[name], torch.randn(T, K).to(torch.bfloat16)
-            ref += times * timed(lambda: torch.nn.functional.linear(x, w), reps)
-            wrap += times * timed(lambda: packed[name](x), reps)
+        for N, K, times in shapes.values():
+            r, w = gemm_us(N, K, T, reps)
+            ref, wrap = ref + times * r, wrap + times * w
         rows.append({"kernel": "target GEMMs, one forward", "shape": f"bf16 T={T}", "reference_us": ref,
                      "wrapper_us": wrap})
     return rows
