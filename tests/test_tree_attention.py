@@ -169,13 +169,13 @@ def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
     assert plan.query_rows.tolist() == [[0, 1, 2, 3, 4, 5], [9, 10, 11, 12, 12, 12]]
     assert plan.valid_rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert plan.out_rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 12]
-    assert plan.mask.shape == (2, 1, 6, 64 + 6)
-    assert torch.equal(plan.bias.isfinite(), plan.mask.repeat(1, 1, H_Q // H_KV, 1))   # [2, 1, 3 * 6, 70]
+    assert plan.mask.shape == (2, 1, 6, 64)
+    assert torch.equal(plan.bias.isfinite(), plan.mask.repeat(1, 1, H_Q // H_KV, 1))   # [2, 1, 3 * 6, 64]
     assert (plan.bias[plan.bias.isfinite()] == 0).all()
     m = plan.mask[:, 0].int()
-    assert m[0, :, :45].all() and not m[0, :, 45:64].any() and m[1, :, :1].all() and not m[1, :, 1:64].any()
-    assert torch.equal(m[0, :, 64:].bool(), rows[0].ancestors)
-    assert m[1, :, 64:].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]] + [[1, 1, 1, 1, 0, 0]] * 3
+    assert m[0, :, :45].all() and not m[0, :, 51:].any() and m[1, :, :1].all() and not m[1, :, 5:].any()
+    assert torch.equal(m[0, :, 45:51].bool(), rows[0].ancestors)
+    assert m[1, :, 1:7].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]] + [[1, 1, 1, 1, 0, 0]] * 3
 
 
 def test_tree_refuses_unsupported_features(monkeypatch):
