@@ -52,7 +52,7 @@ def test_expand_fix_is_installed_in_the_engine(oracle):
 def test_contact_points_keep_their_shape():
     """C1-C3 of the patches.py ledger: the private methods our subclasses override still take what we pass."""
     from vllm.v1.attention import selector
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def params(f):
@@ -66,6 +66,7 @@ def test_contact_points_keep_their_shape():
     assert params(CPUAttentionBackendImpl.forward)[:7] == ["layer", "query", "key", "value", "kv_cache",
                                                            "attn_metadata", "output"]
     assert callable(selector._cached_get_attn_backend.cache_clear)
+    assert CPUAttentionBackend.forward_includes_kv_cache_update is False     # K/V cached before forward (C2)
 
 
 def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):

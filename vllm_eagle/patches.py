@@ -46,6 +46,8 @@ C1  GPUModelRunner.propose_draft_token_ids / _prepare_inputs / _build_attention_
     worker.EagleCPUModelRunner (features, tree positions, tree masks, tree acceptance + KV commit).
 C2  CPUAttentionBackendImpl.forward, subclassed by tree_attention.TreeCPUAttentionImpl; registered over CPU_ATTN with
     the official register_backend, plus selector._cached_get_attn_backend.cache_clear() so layers built later see it.
+    The tree rows' recompute reads this step's K/V from the paged cache, relying on CPUAttentionBackend's
+    `forward_includes_kv_cache_update = False`: vLLM's Attention layer writes the cache before calling forward.
 C3  input_batch.block_table[g].slot_mapping, static_forward_context[layer].kv_cache / .isa (kv_commit.py), and the
     CPU KV page layout probed through ops.cpu_attn_reshape_and_cache (kv_layout.py).
 C4  Tree sampling reads the runner's per-request sampling state: runner.requests[req_id].sampling_params
