@@ -99,8 +99,9 @@ def gather_rows(reps: int) -> list[dict]:
 def tree_attention_rows(reps: int) -> list[dict]:
     """One SmolLM2 attention layer (9 query / 3 KV heads, head 64, block 128, bf16, this CPU's `vec` pages) over R
     requests with L=300 committed tokens, each verifying the 8-node static tree of benchmarks.run: the stock kernel
-    alone ("reference") vs TreeCPUAttentionImpl ("wrapper": the stock kernel, then the tree rows recomputed with
-    the ancestor mask; the plan is built once per step for all layers, so it is built before timing)."""
+    alone ("reference") vs TreeCPUAttentionImpl ("wrapper"), both ways: "paths" (each tree's paths through the stock
+    kernel in scratch blocks) and "recompute" (the stock kernel, then the tree rows recomputed with the ancestor
+    mask). The plan is built once per step for all layers, so it is built before timing."""
     from types import SimpleNamespace
 
     from vllm import _custom_ops as ops
@@ -124,7 +125,8 @@ def tree_attention_rows(reps: int) -> list[dict]:
         cpu_attn.get_current_vllm_config = config
     rows = []
     for R in (1, 8, 32):
-        kv = torch.randn(R * nb, H_KV, BS, 2 * D).to(dtype)
+        scratch = 4 * R                                 # the 8-node tree has 4 paths, each in one private block
+        kv = torch.randn(R * nb + scratch, H_KV, BS, 2 * D).to(dtype)
         qsl, seq_lens = (torch.arange(R + 1) * n).int(), torch.full((R,), L + n, dtype=torch.int32)
         meta = CPUAttentionMetadata(
             num_actual_tokens=R * n, max_query_len=n, query_start_loc=qsl, max_seq_len=L + n, seq_lens=seq_lens,
@@ -136,12 +138,14 @@ def tree_attention_rows(reps: int) -> list[dict]:
         out, layer = torch.empty_like(q), SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
         step = TreeStep([TreeRow(r, f"r{r}", r * n, L, tree.parent, torch.zeros(n, dtype=torch.long), ancestors)
                          for r in range(R)], torch.zeros(R * n, dtype=torch.long))
-        us = []
-        for impl, tree_step in zip(impls, (None, step)):
-            meta.tree = tree_step
-            us.append(timed(lambda: impl.forward(layer, q, k, k, kv, meta, out), reps))
-        rows.append({"kernel": "tree attention layer", "shape": f"bf16 vec, {R} x (L={L} + {n - 1} nodes)",
-                     "reference_us": us[0], "wrapper_us": us[1]})
+        meta.tree = None
+        stock = timed(lambda: impls[0].forward(layer, q, k, k, kv, meta, out), reps)
+        for route, blocks in (("paths", torch.arange(R * nb, R * nb + scratch)), ("recompute", torch.arange(0))):
+            step.scratch, meta.tree = blocks, step
+            step.plans.clear()
+            rows.append({"kernel": "tree attention layer", "reference_us": stock,
+                         "shape": f"bf16 vec, {R} x (L={L} + {n - 1} nodes), {route}",
+                         "wrapper_us": timed(lambda: impls[1].forward(layer, q, k, k, kv, meta, out), reps)})
     return rows
 
 

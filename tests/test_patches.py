@@ -1,5 +1,6 @@
 """Every patch of patches.py: the target still has the shape the patch assumes, and the patch does its job.
 If vLLM changes under a patch, these fail first."""
+import dataclasses
 import inspect
 
 import torch
@@ -50,7 +51,7 @@ def test_expand_fix_is_installed_in_the_engine(oracle):
 
 
 def test_contact_points_keep_their_shape():
-    """C1-C3 of the patches.py ledger: the private methods our subclasses override still take what we pass."""
+    """C1-C3 and C6 of the patches.py ledger: the private methods our subclasses override still take what we pass."""
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -67,6 +68,11 @@ def test_contact_points_keep_their_shape():
                                                            "attn_metadata", "output"]
     assert callable(selector._cached_get_attn_backend.cache_clear)
     assert CPUAttentionBackend.forward_includes_kv_cache_update is False     # K/V cached before forward (C2)
+    assert params(GPUModelRunner.initialize_kv_cache)[0] == "kv_cache_config"  # C6
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheTensor
+    assert {"size", "layers", "layer_stride", "block_stride", "offset", "host_resident"} <= {
+        f.name for f in dataclasses.fields(KVCacheTensor)}
+    assert {"num_blocks", "kv_cache_tensors"} <= {f.name for f in dataclasses.fields(KVCacheConfig)}
 
 
 def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):

@@ -14,10 +14,10 @@ from vllm_eagle import kv_layout
 from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
 from vllm_eagle.tree import chain, compile_tree
 from vllm_eagle.tree_attention import (TreeCPUAttentionBackend, TreeCPUAttentionImpl, plan_tree_attention,
-                                      register_tree_attention)
+                                      plan_tree_paths, register_tree_attention, tree_segments)
 from vllm_eagle.verify import TreeRow, TreeStep
 
-BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 12     # odd head counts: 3 query heads per KV head
+BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 24     # odd head counts: 3 query heads per KV head
 TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"       # parents [-1, 0, 0, 1, 1, 3]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}     # tree SDPA (cache dtype) vs the kernel, max abs error
 CASES = [
@@ -59,10 +59,14 @@ def _impl(cls, dtype, monkeypatch, **kw):
                sliding_window=None, kv_cache_dtype="auto", **kw)
 
 
-def _attend(impl, reqs, dtype, isa, tree=None):
+def _attend(impl, reqs, dtype, isa, tree=None, scratch=0):
     """One forward over requests (k, v, q): k, v [seq_len, H_KV, D], q [num_q, H_Q, D] for the last num_q tokens.
-    Returns output [sum num_q, H_Q, D]."""
+    Returns output [sum num_q, H_Q, D]. With a tree, its scratch is `scratch` of the blocks no request uses."""
     kv_cache, block_table, slots = _paged([(k, v) for k, v, _ in reqs], dtype, isa)
+    if tree is not None:
+        used = {int(block_table[r, b]) for r, (k, _, _) in enumerate(reqs) for b in range(-(-len(k) // BLOCK))}
+        tree.scratch = torch.tensor([b for b in range(NUM_BLOCKS) if b not in used][:scratch])
+        tree.plans.clear()
     num_q = torch.tensor([len(q) for _, _, q in reqs])
     qsl = torch.cat([num_q.new_zeros(1), num_q.cumsum(0)]).int()   # [num_reqs + 1]
     seq_lens = torch.tensor([len(k) for k, _, _ in reqs], dtype=torch.int32)
@@ -118,11 +122,16 @@ def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatc
     assert torch.equal(got_k[1, :, BLOCK: BLOCK + 7], got_k[1, :, :7])        # the repeated block
 
 
+# Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
+# recomputed in the same step), enough for all (4 trees below: 3 + 0 + 3 + 6 private blocks; with none at all the
+# chain is recomputed too).
+@pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
 @pytest.mark.parametrize("dtype, isa", CASES)
-def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
+def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
-    # (prefix_len L, tree or None for a plain 3-token request); a tree request's queries are its nodes at L..L+n-1
-    layout = [(45, tree), (20, None), (30, line), (1, tree)]
+    # (prefix_len L, tree or None for a plain 3-token request); a tree request's queries are its nodes at L..L+n-1.
+    # L = 29: the paths' positions 30..32 cross a block boundary (two private blocks per path).
+    layout = [(45, tree), (20, None), (30, line), (1, tree), (29, tree)]
     reqs, rows, bufs, start = [], [], [], 0
     for r, (L, buf) in enumerate(layout):
         n = buf.num_nodes if buf is not None else 3
@@ -136,7 +145,9 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
     for row, buf in zip(rows, bufs):
         pos_delta[row.start: row.start + row.num_nodes] = torch.arange(row.num_nodes) - buf.depth
     kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), reqs, dtype, isa)
-    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, TreeStep(rows, pos_delta))
+    step = TreeStep(rows, pos_delta)
+    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, step, scratch)
+    assert step.recomputed_rows == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
 
     # Oracle: every root-to-leaf path as its own causal chain over the prefix, through the stock kernel.
     branches, owners = [], []                                   # owners[b] = (query row of each branch node)
@@ -149,6 +160,8 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
     chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), branches, dtype, isa)
     want = kernel.clone()
     want[torch.cat(owners)] = chains
+    if scratch == 12:                                           # the same kernel on the same numbers: bit for bit
+        assert torch.equal(got, want)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
 
     plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
@@ -157,6 +170,43 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, monkeypatch):
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
     node2 = rows[2].start + 2     # L = 1, parent 0: the causal kernel also let it see its sibling node 1
     assert (got[node2].float() - kernel[node2].float()).abs().max() > 10 * tol
+
+
+def test_tree_segments_cut_a_tree_into_paths():
+    assert tree_segments(compile_tree(TREE).parent.tolist()) == [[0, 1, 3, 5], [4], [2]]   # the docstring's example
+    assert tree_segments(chain(3).parent.tolist()) == [[0, 1, 2, 3]]
+    assert tree_segments([-1, 0, 0, 0]) == [[0, 1], [2], [3]]                           # depth 1: one per child
+    # a wider, deeper tree: one segment per leaf, every node in exactly one segment, each a first-child run
+    big = compile_tree("[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]")
+    segs, parent = tree_segments(big.parent.tolist()), big.parent.tolist()
+    assert sorted(i for s in segs for i in s) == list(range(big.num_nodes))
+    assert len(segs) == sum(1 for i in range(big.num_nodes) if i not in parent)
+    assert all(parent[b] == a for s in segs for a, b in zip(s, s[1:]))
+
+
+def test_tree_paths_plan_is_the_worked_example(monkeypatch):
+    """plan_tree_paths' docstring: block 32, L 45, parents [-1, 0, 0, 1, 1, 3], request blocks [7, 3], scratch [20, 21,
+    22]; a plain request of 2 rows before it."""
+    row = _tree_row(compile_tree(TREE), 1, 2, 45)
+    qsl, seq_lens = torch.tensor([0, 2, 8], dtype=torch.int32), torch.tensor([10, 51], dtype=torch.int32)
+    md = CPUAttentionMetadata(num_actual_tokens=8, max_query_len=6, query_start_loc=qsl, max_seq_len=51,
+                              seq_lens=seq_lens, block_table=torch.tensor([[5, 0], [7, 3]], dtype=torch.int32),
+                              slot_mapping=torch.zeros(8, dtype=torch.long), scheduler_metadata=None)
+    plan = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21, 22]), _impl(TreeCPUAttentionImpl, torch.float32,
+                                                                               monkeypatch), torch.float32, "vec")
+    assert plan.order.tolist() == [0, 1, 2, 3, 5, 7, 6, 4]        # plain rows, then segments [0,1,3,5], [4], [2]
+    assert plan.metadata.query_start_loc.tolist() == [0, 2, 6, 7, 8]
+    assert plan.metadata.seq_lens.tolist() == [10, 45 + 4, 45 + 3, 45 + 2]
+    assert plan.metadata.block_table.tolist() == [[5, 0], [7, 22], [7, 21], [7, 20]]
+    assert plan.pages == [(3, 22), (3, 21), (3, 20)]
+    # block 3 holds positions 32..63: L + i at offset 13 + i; block p's positions 46.. at offset 14..
+    assert plan.slot_src.tolist() == [3 * 32 + 14, 3 * 32 + 16, 3 * 32 + 18, 3 * 32 + 14, 3 * 32 + 17, 3 * 32 + 15]
+    assert plan.slot_dst.tolist() == [22 * 32 + 14, 22 * 32 + 15, 22 * 32 + 16, 21 * 32 + 14, 21 * 32 + 15,
+                                      20 * 32 + 14]
+    assert plan.recompute == set()
+    short = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21]), _impl(TreeCPUAttentionImpl, torch.float32,
+                                                                            monkeypatch), torch.float32, "vec")
+    assert short.recompute == {1} and short.order.tolist() == list(range(8)) and short.pages == []
 
 
 def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
@@ -221,3 +271,22 @@ def test_register_tree_attention_is_idempotent():
     finally:        # other tests build engines in this process
         AttentionBackendEnum.CPU_ATTN.clear_override()
         selector._cached_get_attn_backend.cache_clear()
+
+
+def test_reserve_scratch_blocks_extends_every_layer_past_the_schedulers_blocks():
+    """The docstring's example (SmolLM2 fp32, 1 GiB: 182 blocks of 196,608 bytes, 30 layers); the engine's own
+    config is left alone, and a layout it does not know gets no scratch."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheTensor
+    from vllm_eagle.tree_attention import reserve_scratch_blocks
+    page, layers = 196_608, [f"model.layers.{i}.self_attn.attn" for i in range(30)]
+    engine = KVCacheConfig(num_blocks=182, kv_cache_groups=[], kv_cache_tensors=[KVCacheTensor(
+        size=30 * 182 * page, layers=layers, layer_stride=182 * page, block_stride=page)])
+    config, scratch = reserve_scratch_blocks(engine, 16)
+    assert scratch.tolist() == list(range(182, 198)) and config.num_blocks == 198
+    t = config.kv_cache_tensors[0]
+    assert (t.layer_stride, t.block_stride, t.size) == (198 * page, page, 30 * 198 * page)
+    assert engine.num_blocks == 182 and engine.kv_cache_tensors[0].size == 30 * 182 * page
+    blocked = KVCacheConfig(num_blocks=182, kv_cache_groups=[], kv_cache_tensors=[KVCacheTensor(   # block-outermost
+        size=30 * 182 * page, layers=layers, layer_stride=page, block_stride=30 * page)])
+    same, none = reserve_scratch_blocks(blocked, 16)
+    assert same is blocked and none.numel() == 0

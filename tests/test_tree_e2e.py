@@ -26,13 +26,24 @@ def test_oracle_tree_lossless_and_deep(oracle, shape):
     assert 1 + c["accepted_tokens"] / c["drafts"] > 3.0, c          # depth-3+ paths accepted (oracle: rank 0 right)
 
 
+@pytest.mark.parametrize("scratch", [16, 4, 0], ids=["paths", "mixed", "recompute"])
 @shapes
-def test_random_head_tree_lossless(tiny, tiny_random_head, shape):
+def test_random_head_tree_lossless(tiny, tiny_random_head, shape, scratch, monkeypatch):
+    """Tree attention both ways in the engine: each tree request's paths through vLLM's kernel in scratch blocks
+    (16: room for all three; 4: for one, the others recomputed in the same steps) or all recomputed (0)."""
+    from conftest import close, make_llm
+    from vllm_eagle import worker
+    monkeypatch.setattr(worker, "SCRATCH_BLOCKS", scratch)
     prompts = ["def main(", "import os", "class Foo:"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want, _ = generate_ids(tiny, prompts, sp)
-    got, c = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(tiny_random_head, **SHAPES[shape]))
-    assert got == want and c["drafts"] > 0
+    llm = make_llm(tiny, vllm_eagle.speculative_kwargs(tiny_random_head, **SHAPES[shape]))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    stats = llm.collective_rpc("eagle_stats")[0]
+    close(llm)
+    assert got == want and stats["steps"] > 0
+    recomputed = stats["tree_rows_recomputed"]                # tree requests over all steps
+    assert (recomputed == 0) if scratch == 16 else (recomputed > 0), stats
 
 
 @shapes

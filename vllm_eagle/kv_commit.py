@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_layout import copy_kv_slots
+from .kv_layout import copy_kv_slots, slot_copy_index
 from .verify import TreeStep
 
 
@@ -22,11 +22,12 @@ def commit_accepted_kv(runner, step: TreeStep, paths: dict) -> None:
                     dst.append(int(slots[row.start + j]))
         if not src:
             continue
-        seen = set()
+        seen, index, src, dst = set(), None, torch.tensor(src), torch.tensor(dst)
         for name in group.layer_names:
             layer = runner.compilation_config.static_forward_context[name]
             kv = layer.kv_cache
             if not isinstance(kv, torch.Tensor) or kv.data_ptr() in seen:
                 continue
             seen.add(kv.data_ptr())
-            copy_kv_slots(kv, torch.tensor(src), torch.tensor(dst), layer.isa)
+            index = index or slot_copy_index(kv, src, dst, layer.isa)          # the group's layers share a shape
+            copy_kv_slots(kv, src, dst, layer.isa, index)

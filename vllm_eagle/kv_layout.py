@@ -54,15 +54,22 @@ def _offset_index(dtype: torch.dtype, block_size: int, head_size: int, isa: str)
     return kv_position_map(dtype, block_size, head_size, isa).permute(1, 0, 2).reshape(block_size, 2 * head_size)
 
 
-def _slot_index(kv_cache: torch.Tensor, slots: torch.Tensor, isa: str) -> tuple[torch.Tensor, ...]:
-    """Advanced index into kv_cache.view(num_blocks, num_kv_heads, -1) that selects [num_slots, num_kv_heads,
-    2 * head_size]: K then V of every head of each slot. kv_cache: [num_blocks, num_kv_heads, block_size, 2 * hs];
-    slots: [num_slots] int."""
+def slot_elements(kv_cache: torch.Tensor, slots: torch.Tensor, isa: str) -> torch.Tensor:
+    """[num_slots, num_kv_heads, 2 * head_size] int64: where K then V of every head of each slot lie in
+    _flat(kv_cache) (any strides). kv_cache: [num_blocks, num_kv_heads, block_size, 2 * hs]; slots: [num_slots] int.
+    E.g. a contiguous fp32 `vec` cache, block 128, head 64 (strides 49152, 16384, 128, 1): slot 3 * 128 + 5, head 1,
+    K dim 2 -> 3 * 49152 + 16384 + page index 2 * 128 + 5 (K transposed)."""
     _, num_kv_heads, block_size, two_hs = kv_cache.shape
-    slots = slots.long()
-    per_offset = _offset_index(kv_cache.dtype, block_size, two_hs // 2, isa)
+    slots, st = slots.long(), kv_cache.stride()
+    page = _offset_index(kv_cache.dtype, block_size, two_hs // 2, isa)[slots % block_size]      # [num_slots, 2 * hs]
     heads = torch.arange(num_kv_heads, device=kv_cache.device)
-    return (slots // block_size)[:, None, None], heads[None, :, None], per_offset[slots % block_size][:, None, :]
+    return ((slots // block_size)[:, None, None] * st[0] + heads[None, :, None] * st[1]
+            + (page // two_hs * st[2] + page % two_hs * st[3])[:, None, :])
+
+
+def _flat(kv_cache: torch.Tensor) -> torch.Tensor:
+    """kv_cache's elements as one 1-D view from its first element (the index space of slot_elements)."""
+    return kv_cache.as_strided((1 + sum((n - 1) * s for n, s in zip(kv_cache.shape, kv_cache.stride())),), (1,))
 
 
 def _radix(seq: list[int]) -> list[tuple[int, int]] | None:
@@ -125,7 +132,7 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, isa: str,
     layout = page_strides(kv_cache.dtype, block_size, hs, isa)
     if layout is None or kv_cache.stride(3) != 1 or kv_cache.stride(2) != two_hs:
         slots = (blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
-        kv = kv_cache.view(num_blocks, num_kv_heads, -1)[_slot_index(kv_cache, slots, isa)]   # [R*P, heads, 2 * hs]
+        kv = _flat(kv_cache)[slot_elements(kv_cache, slots, isa)]                # [R * P, heads, 2 * hs]
         kv = kv.view(R, nb * block_size, num_kv_heads, two_hs).transpose(1, 2).to(dtype or kv_cache.dtype)
         return kv[..., :hs], kv[..., hs:]
     # Whole pages first (one contiguous memcpy each), then the layout's permutation inside those few pages: an
@@ -141,11 +148,21 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, isa: str,
     return out[0], out[1]
 
 
-def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, isa: str) -> None:
+def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, isa: str,
+                  index: tuple | None = None) -> None:
     """In place: slot dst_slots[j] takes the K and V (all heads) of slot src_slots[j]. Every source is read before
     any destination is written, so a source may be another pair's destination (src [47, 49] -> dst [46, 47] moves
     the old 47, not the new one); destinations must be distinct.
 
-    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; src_slots, dst_slots: [num_pairs] int."""
-    pages = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
-    pages[_slot_index(kv_cache, dst_slots, isa)] = pages[_slot_index(kv_cache, src_slots, isa)]  # gather = copy
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; src_slots, dst_slots: [num_pairs] int;
+    index: slot_copy_index(...) of these slots, for a copy repeated over layers of one shape."""
+    dst, src = index or slot_copy_index(kv_cache, src_slots, dst_slots, isa)
+    flat = _flat(kv_cache)
+    flat.index_copy_(0, dst, flat.index_select(0, src))             # gather, then scatter
+
+
+def slot_copy_index(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
+                    isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination, source) element indices of copy_kv_slots, flat: the same for every cache of kv_cache's shape,
+    strides, dtype and isa."""
+    return slot_elements(kv_cache, dst_slots, isa).flatten(), slot_elements(kv_cache, src_slots, isa).flatten()

@@ -1,27 +1,39 @@
-"""Tree attention on vLLM's CPU backend: the stock kernel for every row, then exact recomputation of the tree rows.
+"""Tree attention on vLLM's CPU backend: every row through vLLM's own (causal) kernel, tree requests cut into paths.
 
 vLLM's CPU kernel only knows causal masks, under which tree node i would see every node before it in BFS order,
-siblings included. So after the kernel has run, the tree rows of all TreeRows are recomputed together, one torch
-SDPA per layer in the cache's dtype over each request's pages up to its last node (gathered from the paged cache in
-whole pages, kv_layout.py: vLLM writes this step's K/V into the cache before attention, so the pages already hold
-the prefix at slots < L and node j at slot L + j), masked to the prefix and the node's ancestors. Rows are padded to
-the step's largest tree and page count; what the layers share (pages, query rows, mask) is planned once per step.
-Cost: one extra attention over prefix + tree for tree requests only; chains and other requests keep the kernel's
-output untouched. See verify.py for the layout of a tree step.
+siblings included. vLLM writes this step's K/V into the paged cache before attention (node j of a tree at slot
+L + j, verify.py), so the kernel can verify a tree exactly if each root-to-leaf path is its own causal sequence:
+
+- Paths (the default). A tree is cut into *segments* (tree_segments: depth-first, a new segment at every node that
+  is not its parent's first child), each a pseudo-request of the kernel's batch: its query rows are its own nodes, its
+  KV is the prefix, then the root and its other ancestors, then itself, at positions L .. L + depth. Those positions
+  live in private copies of the request's blocks from position L + 1 on (scratch blocks the scheduler never hands
+  out, reserve_scratch_blocks): per layer one page copy per private block and one slot copy of the path's nodes into
+  it, then one kernel call over all rows in segment order. No attention arithmetic of ours.
+- Recompute (a request whose segments find no scratch left). After the kernel, its tree rows are recomputed by one
+  torch SDPA per layer in the cache's dtype over its pages up to its last node (gathered in whole pages,
+  kv_layout.py), masked to the prefix and the node's ancestors. Rows are padded to the step's largest tree and page
+  count.
+What the layers share (segments, copies, pages, masks) is planned once per step. Chains and other requests keep the
+kernel's output untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.v1.attention.backend import AttentionLayer, AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata)
 
-from .kv_layout import gather_kv
+from .kv_layout import copy_kv_slots, gather_kv, slot_copy_index
 from .verify import TreeRow, TreeStep
 
 _BACKEND_PATH = "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
@@ -46,17 +58,43 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if not isinstance(tree, TreeStep):
             return super().forward(*args)
         self._check_tree_supported()
-        super().forward(*args)                  # every row, tree rows causally: overwritten below
         t0 = time.perf_counter()
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2])     # the same for every layer here
         if plan_key not in tree.plans:
-            tree.plans[plan_key] = plan_tree_attention(tree.rows, attn_metadata.block_table, kv_cache.shape[2],
-                                                       self.num_heads // self.num_kv_heads, kv_cache.dtype)
-        plan = tree.plans[plan_key]
-        o = tree_rows_attention(query, kv_cache, plan, layer.isa, self.num_kv_heads, self.scale)
+            paths = plan_tree_paths(tree.rows, attn_metadata, kv_cache.shape[2], tree.scratch, self, query.dtype,
+                                    layer.isa)
+            todo = [r for r in tree.rows if r.req_index in paths.recompute]
+            tree.plans[plan_key] = (paths, todo and plan_tree_attention(
+                todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
+                kv_cache.dtype))
+            tree.recomputed_rows = len(todo)
+        paths, recompute = tree.plans[plan_key]
         out = output.view(-1, self.num_heads, self.head_size)
-        out.index_copy_(0, plan.out_rows, o.to(out.dtype))
-        tree.attention_s += time.perf_counter() - t0
+        if paths.order is None:                                 # nothing cut into segments: the step's metadata
+            t1 = time.perf_counter()
+            super().forward(*args)
+        else:
+            n = attn_metadata.num_actual_tokens
+            for src, dst in paths.pages:                        # a loop of plain copies: 3x faster than index ops
+                kv_cache[dst].copy_(kv_cache[src])
+            if paths.pages:
+                if paths.slot_index is None:
+                    paths.slot_index = slot_copy_index(kv_cache, paths.slot_src, paths.slot_dst, layer.isa)
+                copy_kv_slots(kv_cache, paths.slot_src, paths.slot_dst, layer.isa, paths.slot_index)
+            if paths.in_order:                                  # e.g. a depth-1 tree: segments [0, 1], [2], [3]
+                t1 = time.perf_counter()
+                super().forward(layer, query, key, value, kv_cache, paths.metadata, output)
+            else:
+                q, o = query[:n].index_select(0, paths.order), torch.empty_like(out[:n])
+                t1 = time.perf_counter()
+                super().forward(layer, q, key, value, kv_cache, paths.metadata, o)
+        kernel_s = time.perf_counter() - t1                     # the kernel's own time is not tree overhead
+        if paths.order is not None and not paths.in_order:
+            out[:n].index_copy_(0, paths.order, o)
+        if recompute:
+            o = tree_rows_attention(query, kv_cache, recompute, layer.isa, self.num_kv_heads, self.scale)
+            out.index_copy_(0, recompute.out_rows, o.to(out.dtype))
+        tree.attention_s += time.perf_counter() - t0 - kernel_s
         return output
 
     def _check_tree_supported(self) -> None:
@@ -72,6 +110,127 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if unsupported:
             raise NotImplementedError(f"vllm-eagle tree verification does not support {', '.join(unsupported)}; "
                                       "use a chain tree (the default) for this model")
+
+
+def tree_segments(parent: list[int]) -> list[list[int]]:
+    """A tree (parent[i] < i, root 0) cut into segments: nodes in depth-first order (children in index order), a new
+    segment at every node that is not its parent's first child. Each segment is a first-child run ending at a leaf;
+    with its head's ancestors it is one root-to-leaf path. E.g. parents [-1, 0, 0, 1, 1, 3] (children 0: 1, 2;
+    1: 3, 4; 3: 5): depth-first 0 1 3 5 4 2 -> [[0, 1, 3, 5], [4], [2]]; paths 0-1-3-5, 0-1-4, 0-2."""
+    children: list[list[int]] = [[] for _ in parent]
+    for i, p in enumerate(parent[1:], 1):
+        children[p].append(i)
+    segments, stack = [], [0]
+    while stack:
+        node, seg = stack.pop(), []
+        while True:
+            seg.append(node)
+            stack.extend(reversed(children[node][1:]))          # later siblings: later segments, in index order
+            if not children[node]:
+                break
+            node = children[node][0]
+        segments.append(seg)
+    return segments
+
+
+@dataclass
+class PathPlan:
+    """One step's kernel call with tree requests cut into segments (see the module docstring)."""
+    metadata: CPUAttentionMetadata | None   # the step's, with each planned tree request replaced by its segments
+    order: torch.Tensor | None  # [num_actual_tokens] int64: kernel row k is step row order[k] (None: nothing planned)
+    pages: list[tuple[int, int]]    # (request's block, private block): each layer, the private block starts as a
+    #                                 copy of the request's (prefix tokens, the root)
+    slot_src: torch.Tensor      # [num_copies] int64: then slot slot_dst[j] takes this step's K/V of slot slot_src[j]
+    slot_dst: torch.Tensor      #   (a path's node at depth d: from L + node to its segment's position L + d)
+    recompute: set[int]         # req_index of the tree requests left to the masked recompute (no scratch left)
+    in_order: bool = False      # order is the identity: the kernel reads the step's rows as they are
+    slot_index: tuple | None = None     # kv_layout.slot_copy_index of the slot copies, made at the first layer
+
+
+def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: int, scratch: torch.Tensor,
+                    impl: CPUAttentionBackendImpl, dtype: torch.dtype, isa: str) -> PathPlan:
+    """rows: this step's trees; md: the step's metadata (block_table [num_reqs, max_blocks] int32); scratch: [S] int
+    block ids no request owns.
+
+    Segment s of a request with prefix L, path nodes path[0..D] (path[d] at depth d, path[0] = root): query rows
+    start + its nodes, seq_len L + D + 1, block table = the request's with every block holding positions L + 1 ..
+    L + D replaced by a scratch block. E.g. block 32, L 45, parents [-1, 0, 0, 1, 1, 3]: segment [0, 1, 3, 5]
+    (depths 0..3) reads positions 46..48 from scratch block p (a copy of the request's block 1, then slots
+    p * 32 + 14, 15, 16 take the K/V at L + 1, L + 3, L + 5); segment [4] (path 0, 1, 4) has one query row, seq_len
+    L + 3; segment [2] (path 0, 2) seq_len L + 2. A segment whose path is 0, 1, .., D (a chain's) needs no copy."""
+    empty = torch.zeros(0, dtype=torch.long)
+    if len(scratch) == 0:
+        return PathPlan(None, None, [], empty, empty, {r.req_index for r in rows})
+    qsl, seq_lens, bt = md.query_start_loc.tolist(), md.seq_lens.tolist(), md.block_table
+    by_req, free = {r.req_index: r for r in rows}, scratch.tolist()
+    order, q_lens, new_seq, new_bt, recompute = [], [], [], [], set()
+    pages, slot_src, slot_dst = [], [], []
+    for r in range(len(seq_lens)):
+        row, rows_r = by_req.get(r), list(range(qsl[r], qsl[r + 1]))
+        if row is not None and (row.start, row.num_nodes) != (qsl[r], len(rows_r)):
+            raise RuntimeError(f"tree request {row.req_id}: its {row.num_nodes} nodes from row {row.start} are not "
+                               f"its scheduled rows {qsl[r]}..{qsl[r + 1] - 1} (vLLM's step layout changed?)")
+        segments = [] if row is None else tree_segments(row.parent.tolist())
+        L = 0 if row is None else row.prefix_len
+        paths = []
+        for seg in segments:
+            path, p = [], int(row.parent[seg[0]])
+            while p >= 0:
+                path.append(p)
+                p = int(row.parent[p])
+            paths.append(path[::-1] + seg)
+        private = [range((L + 1) // block_size, (L + len(path) - 1) // block_size + 1)
+                   if path != list(range(len(path))) else range(0) for path in paths]
+        if row is None or sum(map(len, private)) > len(free):
+            if row is not None:
+                recompute.add(r)
+            order += rows_r
+            q_lens.append(len(rows_r))
+            new_seq.append(seq_lens[r])
+            new_bt.append(bt[r])
+            continue
+        for seg, path, blocks in zip(segments, paths, private):
+            table = bt[r].clone()
+            for b in blocks:
+                table[b] = free.pop()
+                pages.append((int(bt[r, b]), int(table[b])))
+            for d in range(1, len(path)) if blocks else ():
+                src, dst = L + path[d], L + d
+                slot_src.append(int(bt[r, src // block_size]) * block_size + src % block_size)
+                slot_dst.append(int(table[dst // block_size]) * block_size + dst % block_size)
+            order += [row.start + i for i in seg]
+            q_lens.append(len(seg))
+            new_seq.append(L + len(path))
+            new_bt.append(table)
+    qsl_new = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_new = torch.tensor(new_seq, dtype=torch.int32)
+    metadata = dataclasses.replace(
+        md, query_start_loc=qsl_new, seq_lens=seq_new, block_table=torch.stack(new_bt), max_query_len=max(q_lens),
+        max_seq_len=max(new_seq), scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(new_seq), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+            seq_lens=seq_new, dtype=dtype, query_start_loc=qsl_new, causal=True, sliding_window_size=-1, isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)      # noqa: E731
+    return PathPlan(metadata, as_long(order), pages, as_long(slot_src), as_long(slot_dst), recompute,
+                    in_order=order == list(range(len(order))))
+
+
+def reserve_scratch_blocks(kv_cache_config, num: int):
+    """-> (a copy of vLLM's KV cache config whose layers each have `num` more blocks, their ids), or (the config,
+    empty) if its layout is not the one-tensor, layer-outermost one this CPU backend allocates. The scheduler keeps
+    the original config, so it never hands these blocks to a request. E.g. SmolLM2 fp32 with 1 GiB: 182 blocks of
+    196,608 bytes per layer, 30 layers; with num 16 every layer's 182 + 16 blocks sit 198 * 196,608 bytes apart."""
+    tensors, n = kv_cache_config.kv_cache_tensors, kv_cache_config.num_blocks
+    if (len(tensors) != 1 or tensors[0].offset != 0 or tensors[0].host_resident
+            or tensors[0].layer_stride != tensors[0].block_stride * n
+            or tensors[0].size != tensors[0].layer_stride * len(tensors[0].layers)):
+        return kv_cache_config, torch.zeros(0, dtype=torch.long)
+    config = deepcopy(kv_cache_config)
+    t = config.kv_cache_tensors[0]
+    config.num_blocks = n + num
+    t.layer_stride = t.block_stride * config.num_blocks
+    t.size = t.layer_stride * len(t.layers)
+    return config, torch.arange(n, n + num)
 
 
 def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "TreeAttentionPlan", isa: str,

@@ -34,8 +34,12 @@ class TreeStep:
     """The trees of one step (attached to the attention metadata as `.tree`)."""
     rows: list[TreeRow]
     pos_delta: torch.Tensor     # [num_scheduled_tokens] int64: slot offset minus depth of each query row (0 off-tree)
-    attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers)
-    plans: dict = field(default_factory=dict)   # tree_attention.TreeAttentionPlan per (block table, block size)
+    scratch: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))   # [S] block ids no
+    #                             request owns (tree_attention.reserve_scratch_blocks): room for the trees' paths
+    attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers),
+    #                             beyond its kernel
+    recomputed_rows: int = 0    # tree requests whose rows were recomputed (no scratch left for their paths)
+    plans: dict = field(default_factory=dict)   # tree_attention plans per (block table, block size)
 
 
 def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec: dict, trees: dict,
