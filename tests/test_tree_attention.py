@@ -122,16 +122,11 @@ def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatc
     assert torch.equal(got_k[1, :, BLOCK: BLOCK + 7], got_k[1, :, :7])        # the repeated block
 
 
-# Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
-# recomputed in the same step), enough for all (4 trees below: 3 + 0 + 3 + 6 private blocks; with none at all the
-# chain is recomputed too).
-@pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
-@pytest.mark.parametrize("dtype, isa", CASES)
-def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
-    tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
-    # (prefix_len L, tree or None for a plain 3-token request); a tree request's queries are its nodes at L..L+n-1.
-    # L = 29: the paths' positions 30..32 cross a block boundary (two private blocks per path).
-    layout = [(45, tree), (20, None), (30, line), (1, tree), (29, tree)]
+def _tree_case(layout, dtype, isa, scratch, monkeypatch):
+    """One step over `layout` [(prefix_len L, tree buffers or None for a plain 3-token request)] (a tree request's
+    queries are its nodes at L..L+n-1) through TreeCPUAttentionImpl with `scratch` free blocks. Returns the output,
+    the stock kernel's (causal) output, the oracle — every root-to-leaf path as its own causal chain over the prefix
+    through the stock kernel — and the TreeStep."""
     reqs, rows, bufs, start = [], [], [], 0
     for r, (L, buf) in enumerate(layout):
         n = buf.num_nodes if buf is not None else 3
@@ -147,9 +142,6 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), reqs, dtype, isa)
     step = TreeStep(rows, pos_delta)
     got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, step, scratch)
-    assert step.recomputed_rows == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
-
-    # Oracle: every root-to-leaf path as its own causal chain over the prefix, through the stock kernel.
     branches, owners = [], []                                   # owners[b] = (query row of each branch node)
     for row, buf in zip(rows, bufs):
         (k, v, q), L = reqs[row.req_index], row.prefix_len
@@ -160,16 +152,40 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), branches, dtype, isa)
     want = kernel.clone()
     want[torch.cat(owners)] = chains
-    if scratch == 12:                                           # the same kernel on the same numbers: bit for bit
-        assert torch.equal(got, want)
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+    return got, kernel, want, step
 
+
+# Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
+# recomputed in the same step), enough for all (4 trees below: 3 + 0 + 3 + 4 private blocks; with none at all the
+# chain is recomputed too).
+@pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
+    tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
+    # L = 29: the deepest path's positions 30..32 cross a block boundary (two private blocks for it).
+    layout = [(45, tree), (20, None), (30, line), (1, tree), (29, tree)]
+    got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
+    rows = step.rows
+    assert step.recomputed_rows == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
     plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
     assert torch.equal(got[plain], kernel[plain])
     chain_rows = slice(rows[1].start, rows[1].start + rows[1].num_nodes)
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
     node2 = rows[2].start + 2     # L = 1, parent 0: the causal kernel also let it see its sibling node 1
     assert (got[node2].float() - kernel[node2].float()).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_depth_1_trees_keep_the_steps_row_order(dtype, isa, monkeypatch):
+    """Top-3 children of the root: segments [0, 1], [2], [3] are the step's rows in order, so the kernel reads the
+    query as it is (no permutation), after the page and slot copies; one tree ends its block (L = 31)."""
+    star = compile_tree("[(0,), (1,), (2,)]")
+    got, kernel, want, step = _tree_case([(45, star), (31, star)], dtype, isa, 8, monkeypatch)
+    (paths, _), = step.plans.values()
+    assert paths.in_order and len(paths.pages) == 4 and step.recomputed_rows == 0
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=0)
+    assert (got.float() - kernel.float()).abs().max() > 10 * TOL[dtype]      # the causal kernel alone was wrong
 
 
 def test_tree_segments_cut_a_tree_into_paths():

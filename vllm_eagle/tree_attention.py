@@ -59,8 +59,13 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(*args)
         self._check_tree_supported()
         t0 = time.perf_counter()
-        plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2])     # the same for every layer here
+        # The same for every layer of a KV cache group with these heads (the scheduler metadata depends on them).
+        plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2], self.num_heads, self.num_kv_heads,
+                    self.head_size)
         if plan_key not in tree.plans:
+            if tree.scratch.numel() and int(tree.scratch.max()) >= kv_cache.shape[0]:
+                raise RuntimeError(f"tree scratch blocks {tree.scratch.tolist()} lie beyond this layer's "
+                                   f"{kv_cache.shape[0]} KV blocks (vLLM split or resized its blocks?)")
             paths = plan_tree_paths(tree.rows, attn_metadata, kv_cache.shape[2], tree.scratch, self, query.dtype,
                                     layer.isa)
             todo = [r for r in tree.rows if r.req_index in paths.recompute]
@@ -74,7 +79,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             t1 = time.perf_counter()
             super().forward(*args)
         else:
-            n = attn_metadata.num_actual_tokens
+            n, scales = paths.metadata.num_actual_tokens, (output_scale, output_block_scale)
             for src, dst in paths.pages:                        # a loop of plain copies: 3x faster than index ops
                 kv_cache[dst].copy_(kv_cache[src])
             if paths.pages:
@@ -83,11 +88,11 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
                 copy_kv_slots(kv_cache, paths.slot_src, paths.slot_dst, layer.isa, paths.slot_index)
             if paths.in_order:                                  # e.g. a depth-1 tree: segments [0, 1], [2], [3]
                 t1 = time.perf_counter()
-                super().forward(layer, query, key, value, kv_cache, paths.metadata, output)
+                super().forward(layer, query, key, value, kv_cache, paths.metadata, output, *scales)
             else:
                 q, o = query[:n].index_select(0, paths.order), torch.empty_like(out[:n])
                 t1 = time.perf_counter()
-                super().forward(layer, q, key, value, kv_cache, paths.metadata, o)
+                super().forward(layer, q, key, value, kv_cache, paths.metadata, o, *scales)
         kernel_s = time.perf_counter() - t1                     # the kernel's own time is not tree overhead
         if paths.order is not None and not paths.in_order:
             out[:n].index_copy_(0, paths.order, o)
@@ -204,8 +209,8 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
             new_bt.append(table)
     qsl_new = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     seq_new = torch.tensor(new_seq, dtype=torch.int32)
-    metadata = dataclasses.replace(
-        md, query_start_loc=qsl_new, seq_lens=seq_new, block_table=torch.stack(new_bt), max_query_len=max(q_lens),
+    metadata = dataclasses.replace(            # num_actual_tokens: the scheduled rows (vLLM's may count padding)
+        md, num_actual_tokens=len(order), query_start_loc=qsl_new, seq_lens=seq_new, block_table=torch.stack(new_bt), max_query_len=max(q_lens),
         max_seq_len=max(new_seq), scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(new_seq), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
             seq_lens=seq_new, dtype=dtype, query_start_loc=qsl_new, causal=True, sliding_window_size=-1, isa=isa,
