@@ -54,6 +54,7 @@ class Row:
     batch_tokens_per_s: float | None = None   # the whole run's rate, ramp-down included (closed_loop)
     batch_speedup: float | None = None        # batch_tokens_per_s over vanilla's, same round
     limit: float | None = None  # ours: tau / (depth * c + v), see fill_cost_model
+    recomputed_share: float | None = None   # ours, trees: share of verified trees left to the masked recompute
     round: int = 0              # --rounds: which pass over the configurations (-1: the median over rounds)
 
 
@@ -205,6 +206,8 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
         out["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 3)
                            for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
         out["gated_share"] = round(st["gated_steps"] / max(1, st["steps"]), 3)
+        if st["trees_verified"]:
+            out["recomputed_share"] = round(st["trees_recomputed"] / st["trees_verified"], 3)
     elif cfg.name.startswith("vanilla"):
         out["step_ms"] = 1000 * wall / (reps * -(-len(prompts) // bs) * max_tokens)
     return out
@@ -318,7 +321,7 @@ def combine_rounds(rows: list[Row]) -> list[Row]:
                        med([r.draft_cost_c for r in rs]), med([r.verify_cost_v for r in rs]),
                        med([r.step_ms for r in rs]), stage, med([r.gated_share for r in rs]),
                        med([r.batch_tokens_per_s for r in rs]), med([r.batch_speedup for r in rs]),
-                       med([r.limit for r in rs]), round=-1))
+                       med([r.limit for r in rs]), recomputed_share=med([r.recomputed_share for r in rs]), round=-1))
     return out
 
 
@@ -336,7 +339,7 @@ def own_share(r: Row) -> float | None:
 def markdown(rows: list[Row], env: dict, cmd: str) -> str:
     head = ("| workload | T | bs | config | tok/s | speedup | whole-run speedup | τ | per-position acceptance | c | v(K) | "
             "limit τ/(d·c+v) | step ms | ours: draft / mask / tree attn / accept / KV commit ms per step | own % | "
-            "gated |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "gated | trees recomputed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda x, f: "–" if x is None else format(x, f)
     body = "".join(
         f"| {r.workload} | {r.temperature:g} | {r.batch_size} | {r.config} | {r.tokens_per_s:.1f} | "
@@ -344,7 +347,7 @@ def markdown(rows: list[Row], env: dict, cmd: str) -> str:
         f"{', '.join(f'{p:.2f}' for p in r.per_position_acceptance) if r.per_position_acceptance else '–'} | "
         f"{fmt(r.draft_cost_c, '.3f')} | {fmt(r.verify_cost_v, '.2f')} | {fmt(r.limit, '.2f')}× | "
         f"{fmt(r.step_ms, '.1f')} | {' / '.join(f'{v:.1f}' for v in r.stage_ms.values()) if r.stage_ms else '–'} | "
-        f"{fmt(own_share(r), '.0%')} | {fmt(r.gated_share, '.0%')} |\n" for r in rows)
+        f"{fmt(own_share(r), '.0%')} | {fmt(r.gated_share, '.0%')} | {fmt(r.recomputed_share, '.0%')} |\n" for r in rows)
     return (f"Command: `{cmd}`  \nHardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch "
             f"{env['torch']}, Python {env['python']}; commit {env['commit']}; {env['date']}.  \n"
             + ("tok/s = median of the timed repetitions; speedup vs vanilla (run first) in the same run; "
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                               m["tokens_per_s_reps"], tau=m.get("tau") and round(m["tau"], 3),
                               per_position_acceptance=m.get("per_position_acceptance"),
                               step_ms=m.get("step_ms") and round(m["step_ms"], 2), stage_ms=m.get("stage_ms"),
-                              gated_share=m.get("gated_share"),
+                              gated_share=m.get("gated_share"), recomputed_share=m.get("recomputed_share"),
                               batch_tokens_per_s=round(m["batch_tokens_per_s"], 2), round=rnd)
                     raw[id(row)] = m
                     rows.append(row)

@@ -166,7 +166,7 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     layout = [(45, tree), (20, None), (30, line), (1, tree), (29, tree)]
     got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
     rows = step.rows
-    assert step.recomputed_rows == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
+    assert step.recomputed_trees == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
     plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
     assert torch.equal(got[plain], kernel[plain])
@@ -183,7 +183,7 @@ def test_depth_1_trees_keep_the_steps_row_order(dtype, isa, monkeypatch):
     star = compile_tree("[(0,), (1,), (2,)]")
     got, kernel, want, step = _tree_case([(45, star), (31, star)], dtype, isa, 8, monkeypatch)
     (paths, _), = step.plans.values()
-    assert paths.in_order and len(paths.pages) == 4 and step.recomputed_rows == 0
+    assert paths.in_order and len(paths.pages) == 4 and step.recomputed_trees == 0
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=0)
     assert (got.float() - kernel.float()).abs().max() > 10 * TOL[dtype]      # the causal kernel alone was wrong
 
@@ -287,6 +287,15 @@ def test_register_tree_attention_is_idempotent():
     finally:        # other tests build engines in this process
         AttentionBackendEnum.CPU_ATTN.clear_override()
         selector._cached_get_attn_backend.cache_clear()
+
+
+def test_scratch_block_count_covers_every_schedulable_tree_up_to_a_quarter_of_the_cache():
+    """The docstring's examples: two blocks per leaf per schedulable request, within [16, num_blocks // 4]."""
+    from vllm_eagle.tree_attention import scratch_block_count
+    assert scratch_block_count(4, 8, 1000) == 64
+    assert scratch_block_count(4, 8, 182) == 45
+    assert scratch_block_count(4, 1, 182) == 16
+    assert scratch_block_count(8, 256, 20) == 16
 
 
 def test_reserve_scratch_blocks_extends_every_layer_past_the_schedulers_blocks():

@@ -55,7 +55,7 @@ C4  Tree sampling reads the runner's per-request sampling state: runner.requests
     top_p_cpu / generators (worker._tree_sampling), and processes target logits with
     vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p (acceptance.target_probs_for).
 C6  GPUModelRunner.initialize_kv_cache(kv_cache_config, ...), overridden by worker.EagleCPUModelRunner to allocate
-    SCRATCH_BLOCKS more blocks per layer than the scheduler knows of (tree_attention.reserve_scratch_blocks): it
+    scratch blocks per layer beyond those the scheduler knows of (tree_attention.reserve_scratch_blocks): it
     edits a copy of KVCacheConfig.num_blocks and its one KVCacheTensor's size / layer_stride (allocate_kv_cache
     places layer l, block b at offset + l * layer_stride + b * block_stride). A layout it does not recognise gets no
     scratch, and trees fall back to the recompute (exact, slower).

@@ -56,7 +56,8 @@ class ProposerStats:
     draft_s: float = 0.0        # wall time inside propose_step: commit + draft stages
     mask_s: float = 0.0         # tree steps: laying out trees and building masks (verify.build_tree_step)
     tree_attention_s: float = 0.0   # tree attention beyond vLLM's kernel (path copies, recompute), all layers
-    tree_rows_recomputed: int = 0   # tree requests verified by the masked recompute (no scratch blocks left)
+    trees_verified: int = 0     # tree requests verified (one per request per tree step)
+    trees_recomputed: int = 0   # of those, verified by the masked recompute (no scratch blocks left for their paths)
     accept_s: float = 0.0       # tree acceptance + final tokens (acceptance.accept_trees)
     kv_commit_s: float = 0.0    # moving accepted nodes' KV (kv_commit.commit_accepted_kv)
     gated_steps: int = 0        # steps the load-adaptive gate kept from drafting (adapt.py)

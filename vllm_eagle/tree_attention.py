@@ -37,6 +37,7 @@ from .kv_layout import copy_kv_slots, gather_kv, slot_copy_index
 from .verify import TreeRow, TreeStep
 
 _BACKEND_PATH = "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
+MIN_SCRATCH_BLOCKS = 16     # SmolLM2: 5.9 MB each in fp32 (30 layers x 128 slots x 3 KV heads x 2 x 64 x 4 bytes)
 
 
 class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -72,7 +73,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
                 todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
                 kv_cache.dtype))
-            tree.recomputed_rows = len(todo)
+            tree.recomputed_trees = len(todo)
         paths, recompute = tree.plans[plan_key]
         out = output.view(-1, self.num_heads, self.head_size)
         if paths.order is None:                                 # nothing cut into segments: the step's metadata
@@ -218,6 +219,15 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
     as_long = lambda x: torch.tensor(x, dtype=torch.long)      # noqa: E731
     return PathPlan(metadata, as_long(order), pages, as_long(slot_src), as_long(slot_dst), recompute,
                     in_order=order == list(range(len(order))))
+
+
+def scratch_block_count(max_leaves: int, max_num_seqs: int, num_blocks: int) -> int:
+    """Scratch blocks per layer for the trees' private paths: a tree has one segment per leaf, each needing at most
+    two private blocks (its positions L + 1 .. L + depth cross at most one block boundary), for every request the
+    scheduler may run at once; capped at a quarter of the scheduler's blocks (trees past it are recomputed), at least
+    MIN_SCRATCH_BLOCKS. E.g. the 8-node default tree (4 leaves), max_num_seqs 8: 64; SmolLM2 fp32 with 1 GiB (182
+    blocks): min(64, 45) = 45; max_num_seqs 1: 8 -> 16."""
+    return max(MIN_SCRATCH_BLOCKS, min(2 * max_leaves * max_num_seqs, num_blocks // 4))
 
 
 def reserve_scratch_blocks(kv_cache_config, num: int):

@@ -38,7 +38,7 @@ class TreeStep:
     #                             request owns (tree_attention.reserve_scratch_blocks): room for the trees' paths
     attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers),
     #                             beyond its kernel
-    recomputed_rows: int = 0    # tree requests whose rows were recomputed (no scratch left for their paths)
+    recomputed_trees: int = 0   # tree requests whose rows were recomputed (no scratch left for their paths)
     plans: dict = field(default_factory=dict)   # tree_attention plans per (block table, block size)
 
 

@@ -17,20 +17,14 @@ from .config import CONFIG_KEY
 from .features import feature_batch_from_runner
 from .kv_commit import commit_accepted_kv
 from .proposer import EagleProposer
-from .tree_attention import reserve_scratch_blocks
+from .tree_attention import reserve_scratch_blocks, scratch_block_count
 from .verify import build_tree_step
-
-# KV blocks held back from the scheduler for the private copies of tree paths (tree_attention.py): a path needs one
-# (two where its positions cross a block boundary); a tree request whose paths find none left is recomputed.
-# SmolLM2: 5.9 MB each in fp32 (30 layers x 128 slots x 3 KV heads x 2 x 64 x 4 bytes).
-SCRATCH_BLOCKS = 16
-
 
 class EagleCPUModelRunner(CPUModelRunner):
     """Chains go through vLLM's own verification unchanged; trees add three overrides: tree positions
     (`_prepare_inputs`), tree masks for the attention backend (`_build_attention_metadata`), and tree acceptance +
     KV commit (`_sample`). Each delegates to a stage module and does nothing when the step has no tree. With trees
-    on, the KV cache also gets SCRATCH_BLOCKS blocks the scheduler does not know of (`initialize_kv_cache`)."""
+    on, the KV cache also gets scratch blocks the scheduler does not know of (`initialize_kv_cache`)."""
     _tree_step = None
     _accepted_paths: dict = {}
     _scratch_blocks = torch.zeros(0, dtype=torch.long)
@@ -79,7 +73,8 @@ class EagleCPUModelRunner(CPUModelRunner):
             stats.accept_s += t1 - t0
             stats.kv_commit_s += time.perf_counter() - t1
             stats.tree_attention_s += self._tree_step.attention_s
-            stats.tree_rows_recomputed += self._tree_step.recomputed_rows
+            stats.trees_verified += len(self._tree_step.rows)
+            stats.trees_recomputed += self._tree_step.recomputed_trees
         return out
 
     def _tree_sampling(self) -> dict:
@@ -94,7 +89,11 @@ class EagleCPUModelRunner(CPUModelRunner):
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         if self._ours() and self.drafter.options.tree != "chain":
-            kv_cache_config, self._scratch_blocks = reserve_scratch_blocks(kv_cache_config, SCRATCH_BLOCKS)
+            tree = self.drafter.tree                            # None: dynamic, at most K leaves
+            leaves = tree.retrieve.shape[0] if tree is not None else self.drafter.options.num_speculative_tokens
+            num = scratch_block_count(leaves, self.vllm_config.scheduler_config.max_num_seqs,
+                                      kv_cache_config.num_blocks)
+            kv_cache_config, self._scratch_blocks = reserve_scratch_blocks(kv_cache_config, num)
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
 
     def load_model(self, *args, **kwargs) -> None:
