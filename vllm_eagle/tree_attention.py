@@ -34,6 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata)
 
 from .kv_layout import copy_kv_slots, gather_kv, slot_copy_index
+from .tree import child_links
 from .verify import TreeRow, TreeStep
 
 _BACKEND_PATH = "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
@@ -123,18 +124,15 @@ def tree_segments(parent: list[int]) -> list[list[int]]:
     segment at every node that is not its parent's first child. Each segment is a first-child run ending at a leaf;
     with its head's ancestors it is one root-to-leaf path. E.g. parents [-1, 0, 0, 1, 1, 3] (children 0: 1, 2;
     1: 3, 4; 3: 5): depth-first 0 1 3 5 4 2 -> [[0, 1, 3, 5], [4], [2]]; paths 0-1-3-5, 0-1-4, 0-2."""
-    children: list[list[int]] = [[] for _ in parent]
-    for i, p in enumerate(parent[1:], 1):
-        children[p].append(i)
+    first_child, next_sibling = child_links(parent)
     segments, stack = [], [0]
     while stack:
         node, seg = stack.pop(), []
-        while True:
+        while node >= 0:
             seg.append(node)
-            stack.extend(reversed(children[node][1:]))          # later siblings: later segments, in index order
-            if not children[node]:
-                break
-            node = children[node][0]
+            if next_sibling[node] >= 0:                         # after this node's subtree: its next sibling's
+                stack.append(next_sibling[node])
+            node = first_child[node]
         segments.append(seg)
     return segments
 
@@ -176,14 +174,15 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
         if row is not None and (row.start, row.num_nodes) != (qsl[r], len(rows_r)):
             raise RuntimeError(f"tree request {row.req_id}: its {row.num_nodes} nodes from row {row.start} are not "
                                f"its scheduled rows {qsl[r]}..{qsl[r + 1] - 1} (vLLM's step layout changed?)")
-        segments = [] if row is None else tree_segments(row.parent.tolist())
+        parent = [] if row is None else row.parent.tolist()
+        segments = tree_segments(parent) if parent else []
         L = 0 if row is None else row.prefix_len
         paths = []
         for seg in segments:
-            path, p = [], int(row.parent[seg[0]])
+            path, p = [], parent[seg[0]]
             while p >= 0:
                 path.append(p)
-                p = int(row.parent[p])
+                p = parent[p]
             paths.append(path[::-1] + seg)
         private = [range((L + 1) // block_size, (L + len(path) - 1) // block_size + 1)
                    if path != list(range(len(path))) else range(0) for path in paths]

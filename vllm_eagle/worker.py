@@ -20,6 +20,7 @@ from .proposer import EagleProposer
 from .tree_attention import reserve_scratch_blocks, scratch_block_count
 from .verify import build_tree_step
 
+
 class EagleCPUModelRunner(CPUModelRunner):
     """Chains go through vLLM's own verification unchanged; trees add three overrides: tree positions
     (`_prepare_inputs`), tree masks for the attention backend (`_build_attention_metadata`), and tree acceptance +
