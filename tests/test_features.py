@@ -13,7 +13,7 @@ from vllm_eagle.proposer import EagleProposer
 @pytest.mark.parametrize("shape", [dict(num_speculative_tokens=3),
                                    dict(tree="[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]", adaptive=False)])
 def test_features_reach_the_proposer_for_every_committed_position(tiny, oracle, monkeypatch, shape):
-    """Chains, and trees: there the committed entries are the accepted path's nodes, not the first nodes in BFS order
+    """Chains, and trees: there the committed entries are the accepted path's nodes, not the first nodes in node order
     (the oracle accepts first children: path [0, 1, 3, 5] of the tree's nodes [(), (0,), (1,), (0, 0), (1, 0), ...])."""
     target, head = oracle                      # an accepting head: steps commit several positions at once
     seen = {}                                  # req_id -> {position: (feature, aux)}

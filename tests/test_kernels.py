@@ -25,7 +25,7 @@ def test_wrappers_use_the_reference_without_opt_in(monkeypatch):
 
 
 def random_trees(B: int, N: int, seed: int):
-    """B random BFS-ordered trees of up to N nodes each, padded to N: parent [B, N] int32, num_nodes [B] int32."""
+    """B random trees (parent[i] < i) of up to N nodes each, padded to N: parent [B, N] int32, num_nodes [B] int32."""
     rng = random.Random(seed)
     parent = torch.full((B, N), -1, dtype=torch.int32)
     num = torch.zeros(B, dtype=torch.int32)
@@ -103,13 +103,13 @@ def test_tree_accept_kernel_matches_reference(B, N, V):
 
 def test_tree_accept_greedy_walk_by_hand():
     t = compile_tree("[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]")
-    cand = torch.tensor([[0, 10, 11, 20, 21, 30]])             # node tokens
-    argmax = torch.tensor([[11, 21, 0, 5, 99, 7]])             # root wants 11 (node 2), node 2 wants 0 (no child)
+    cand = torch.tensor([[0, 10, 20, 30, 21, 11]])             # node tokens (nodes (), (0,), (0,0), (0,0,0), (0,1), (1,))
+    argmax = torch.tensor([[11, 21, 5, 7, 99, 0]])             # root wants 11 (node 5), node 5 wants 0 (no child)
     args = (cand, t.first_child[None].contiguous(), t.next_sibling[None].contiguous(), argmax, None,
             torch.zeros(1, 6), torch.tensor([True]))
     for impl in (reference.tree_accept, acceptance.tree_accept):
         out, n = impl(*args, max_depth=3)
-        assert out.tolist() == [[0, 2, -1, -1]] and n.tolist() == [1]
+        assert out.tolist() == [[0, 5, -1, -1]] and n.tolist() == [1]
     argmax[0, 0] = 10                                          # root -> node 1 -> node 4 (token 21) -> leaf
     for impl in (reference.tree_accept, acceptance.tree_accept):
         out, n = impl(*args, max_depth=3)

@@ -9,14 +9,14 @@ i32 = lambda x: torch.tensor(x, dtype=torch.int32)
 
 def test_docstring_tree():
     t = compile_tree("[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]")
-    assert t.paths == ((), (0,), (1,), (0, 0), (0, 1), (0, 0, 0))
-    assert torch.equal(t.parent, i32([-1, 0, 0, 1, 1, 3]))
-    assert torch.equal(t.depth, i32([0, 1, 1, 2, 2, 3]))
-    assert torch.equal(t.rank, i32([0, 0, 1, 0, 1, 0]))
-    assert torch.equal(t.first_child, i32([1, 3, -1, 5, -1, -1]))
-    assert torch.equal(t.next_sibling, i32([-1, 2, -1, 4, -1, -1]))
-    assert t.ancestors.tolist() == [0b1, 0b11, 0b101, 0b1011, 0b10011, 0b101011]
-    assert t.retrieve.tolist() == [[0, 2, -1, -1], [0, 1, 4, -1], [0, 1, 3, 5]]
+    assert t.paths == ((), (0,), (0, 0), (0, 0, 0), (0, 1), (1,))                 # preorder
+    assert torch.equal(t.parent, i32([-1, 0, 1, 2, 1, 0]))
+    assert torch.equal(t.depth, i32([0, 1, 2, 3, 2, 1]))
+    assert torch.equal(t.rank, i32([0, 0, 0, 0, 1, 1]))
+    assert torch.equal(t.first_child, i32([1, 2, 3, -1, -1, -1]))
+    assert torch.equal(t.next_sibling, i32([-1, 5, 4, -1, -1, -1]))
+    assert t.ancestors.tolist() == [0b1, 0b11, 0b111, 0b1111, 0b10011, 0b100001]
+    assert t.retrieve.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [0, 5, -1, -1]]
 
 
 def test_chain():
@@ -29,10 +29,10 @@ def test_chain():
 
 def test_binary_depth_2_and_invariants():
     t = compile_tree([(1, 1), (0,), (1,), (0, 0), (0, 1), (1, 0)])           # any input order
-    assert t.paths == ((), (0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1))
-    assert torch.equal(t.parent, i32([-1, 0, 0, 1, 1, 2, 2]))
-    assert torch.equal(t.first_child, i32([1, 3, 5, -1, -1, -1, -1]))
-    assert torch.equal(t.next_sibling, i32([-1, 2, -1, 4, -1, 6, -1]))
+    assert t.paths == ((), (0,), (0, 0), (0, 1), (1,), (1, 0), (1, 1))
+    assert torch.equal(t.parent, i32([-1, 0, 1, 1, 0, 4, 4]))
+    assert torch.equal(t.first_child, i32([1, 2, -1, -1, 5, -1, -1]))
+    assert torch.equal(t.next_sibling, i32([-1, 4, 3, -1, -1, 6, -1]))
     for i in range(1, t.num_nodes):
         p = int(t.parent[i])
         assert p < i

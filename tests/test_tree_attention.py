@@ -18,7 +18,7 @@ from vllm_eagle.tree_attention import (TreeCPUAttentionBackend, TreeCPUAttention
 from vllm_eagle.verify import TreeRow, TreeStep
 
 BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 24     # odd head counts: 3 query heads per KV head
-TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"       # parents [-1, 0, 0, 1, 1, 3]
+TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"       # preorder parents [-1, 0, 1, 2, 1, 0]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}     # tree SDPA (cache dtype) vs the kernel, max abs error
 CASES = [
     pytest.param(torch.float32, "vec", id="fp32-vec"),
@@ -156,14 +156,14 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
 
 
 # Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
-# recomputed in the same step), enough for all (4 trees below: 3 + 0 + 3 + 4 private blocks; with none at all the
-# chain is recomputed too).
+# recomputed in the same step), enough for all (4 trees below: 2 + 0 + 2 + 3 private blocks, the first segment of
+# each needing none; with none at all the chain is recomputed too).
 @pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
 @pytest.mark.parametrize("dtype, isa", CASES)
 def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
-    # L = 29: the deepest path's positions 30..32 cross a block boundary (two private blocks for it).
-    layout = [(45, tree), (20, None), (30, line), (1, tree), (29, tree)]
+    # L = 30: path 0, 1, 4's positions 31..32 cross a block boundary (two private blocks for it).
+    layout = [(45, tree), (20, None), (30, line), (1, tree), (30, tree)]
     got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
     rows = step.rows
     assert step.recomputed_trees == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
@@ -172,24 +172,25 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     assert torch.equal(got[plain], kernel[plain])
     chain_rows = slice(rows[1].start, rows[1].start + rows[1].num_nodes)
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
-    node2 = rows[2].start + 2     # L = 1, parent 0: the causal kernel also let it see its sibling node 1
-    assert (got[node2].float() - kernel[node2].float()).abs().max() > 10 * tol
+    node5 = rows[2].start + 5     # L = 1, parent 0: the causal kernel also let it see nodes 1..4
+    assert (got[node5].float() - kernel[node5].float()).abs().max() > 10 * tol
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)
-def test_depth_1_trees_keep_the_steps_row_order(dtype, isa, monkeypatch):
-    """Top-3 children of the root: segments [0, 1], [2], [3] are the step's rows in order, so the kernel reads the
-    query as it is (no permutation), after the page and slot copies; one tree ends its block (L = 31)."""
+def test_depth_1_trees(dtype, isa, monkeypatch):
+    """Top-3 children of the root: segments [0, 1] (the request's own blocks), [2], [3] (a private block each); one
+    tree ends its block (L = 31: its private blocks copy the request's next, empty one)."""
     star = compile_tree("[(0,), (1,), (2,)]")
     got, kernel, want, step = _tree_case([(45, star), (31, star)], dtype, isa, 8, monkeypatch)
     (paths, _), = step.plans.values()
-    assert paths.in_order and len(paths.pages) == 4 and step.recomputed_trees == 0
+    assert len(paths.pages) == 4 and step.recomputed_trees == 0
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=0)
     assert (got.float() - kernel.float()).abs().max() > 10 * TOL[dtype]      # the causal kernel alone was wrong
 
 
 def test_tree_segments_cut_a_tree_into_paths():
-    assert tree_segments(compile_tree(TREE).parent.tolist()) == [[0, 1, 3, 5], [4], [2]]   # the docstring's example
+    assert tree_segments([-1, 0, 0, 1, 1, 3]) == [[0, 1, 3, 5], [4], [2]]                # the docstring's example
+    assert tree_segments(compile_tree(TREE).parent.tolist()) == [[0, 1, 2, 3], [4], [5]]  # preorder: consecutive
     assert tree_segments(chain(3).parent.tolist()) == [[0, 1, 2, 3]]
     assert tree_segments([-1, 0, 0, 0]) == [[0, 1], [2], [3]]                           # depth 1: one per child
     # a wider, deeper tree: one segment per leaf, every node in exactly one segment, each a first-child run
@@ -201,28 +202,29 @@ def test_tree_segments_cut_a_tree_into_paths():
 
 
 def test_tree_paths_plan_is_the_worked_example(monkeypatch):
-    """plan_tree_paths' docstring: block 32, L 45, parents [-1, 0, 0, 1, 1, 3], request blocks [7, 3], scratch [20, 21,
-    22]; a plain request of 2 rows before it."""
+    """plan_tree_paths' docstring: block 32, L 45, parents [-1, 0, 1, 2, 1, 0], request blocks [7, 3], scratch [20,
+    21, 22]; a plain request of 2 rows before it."""
     row = _tree_row(compile_tree(TREE), 1, 2, 45)
     qsl, seq_lens = torch.tensor([0, 2, 8], dtype=torch.int32), torch.tensor([10, 51], dtype=torch.int32)
     md = CPUAttentionMetadata(num_actual_tokens=8, max_query_len=6, query_start_loc=qsl, max_seq_len=51,
                               seq_lens=seq_lens, block_table=torch.tensor([[5, 0], [7, 3]], dtype=torch.int32),
                               slot_mapping=torch.zeros(8, dtype=torch.long), scheduler_metadata=None)
-    plan = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21, 22]), _impl(TreeCPUAttentionImpl, torch.float32,
-                                                                               monkeypatch), torch.float32, "vec")
-    assert plan.order.tolist() == [0, 1, 2, 3, 5, 7, 6, 4]        # plain rows, then segments [0,1,3,5], [4], [2]
-    assert plan.metadata.query_start_loc.tolist() == [0, 2, 6, 7, 8]
+    impl = _impl(TreeCPUAttentionImpl, torch.float32, monkeypatch)
+    plan = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21, 22]), impl, torch.float32, "vec")
+    assert plan.metadata.query_start_loc.tolist() == [0, 2, 6, 7, 8]      # plain rows, segments [0..3], [4], [5]
     assert plan.metadata.seq_lens.tolist() == [10, 45 + 4, 45 + 3, 45 + 2]
-    assert plan.metadata.block_table.tolist() == [[5, 0], [7, 22], [7, 21], [7, 20]]
-    assert plan.pages == [(3, 22), (3, 21), (3, 20)]
-    # block 3 holds positions 32..63: L + i at offset 13 + i; block p's positions 46.. at offset 14..
-    assert plan.slot_src.tolist() == [3 * 32 + 14, 3 * 32 + 16, 3 * 32 + 18, 3 * 32 + 14, 3 * 32 + 17, 3 * 32 + 15]
-    assert plan.slot_dst.tolist() == [22 * 32 + 14, 22 * 32 + 15, 22 * 32 + 16, 21 * 32 + 14, 21 * 32 + 15,
-                                      20 * 32 + 14]
+    assert plan.metadata.block_table.tolist() == [[5, 0], [7, 3], [7, 22], [7, 21]]
+    assert plan.pages == [(3, 22), (3, 21)]
+    # block 3 holds positions 32..63: L + i at offset 13 + i
+    assert plan.slot_src.tolist() == [3 * 32 + 17, 3 * 32 + 18]
+    assert plan.slot_dst.tolist() == [22 * 32 + 15, 21 * 32 + 14]
     assert plan.recompute == set()
-    short = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21]), _impl(TreeCPUAttentionImpl, torch.float32,
-                                                                            monkeypatch), torch.float32, "vec")
-    assert short.recompute == {1} and short.order.tolist() == list(range(8)) and short.pages == []
+    short = plan_tree_paths([row], md, BLOCK, torch.tensor([20]), impl, torch.float32, "vec")
+    assert short.recompute == {1} and short.metadata is None and short.pages == []
+    bfs = _tree_row(compile_tree(TREE), 1, 2, 45)
+    bfs.parent = torch.tensor([-1, 0, 0, 1, 1, 3], dtype=torch.int32)      # not preorder: segments not consecutive
+    with pytest.raises(RuntimeError, match="not in preorder"):
+        plan_tree_paths([bfs], md, BLOCK, torch.tensor([20, 21, 22]), impl, torch.float32, "vec")
 
 
 def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():

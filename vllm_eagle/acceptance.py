@@ -14,8 +14,8 @@ S_{k-1} <= U < S_k with S_k = p(x_1) + .. + p(x_k). If no child is accepted, the
 with every child's token removed; at a leaf the bonus token is sampled from p. Each emitted token is then distributed
 exactly as p: P(x_k) = p(x_k), P(other y) = (1 - S) * p(y) / (1 - S) = p(y).
 
-E.g. (greedy) parents [-1, 0, 0, 1], tokens [_, 5, 6, 7], target argmax per node [6, 9, 7, 4]: root -> node 2
-(token 6), node 2's argmax 7 has no child there, so path [0, 2], output [6, 7].
+E.g. (greedy) parents [-1, 0, 1, 0], tokens [_, 5, 7, 6], target argmax per node [6, 9, 4, 7]: root -> node 3
+(token 6), node 3's argmax 7 has no child there, so path [0, 3], output [6, 7].
 """
 from __future__ import annotations
 

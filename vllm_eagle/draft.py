@@ -59,7 +59,7 @@ def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: to
 
     x_last       [B, H]  fc output of each request's last committed entry (the root)
     pos_last     [B]     its position p (the request has committed entries 0..p in the cache)
-    tree                 N = tree.num_nodes nodes, node 0 the root, the others in BFS order
+    tree                 N = tree.num_nodes nodes, node 0 the root, the others in preorder (any parent[i] < i works)
     topk_tokens          predicted features [M, H], k -> the k most likely token ids [M, k], best first
     ->           [B, N - 1] int64 token ids of nodes 1..N-1
 

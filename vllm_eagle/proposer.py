@@ -28,7 +28,7 @@ _chain = functools.lru_cache(maxsize=None)(chain)
 
 @functools.lru_cache(maxsize=None)
 def _prefix_tree(paths: tuple, n: int) -> TreeBuffers:
-    """The first n draft nodes of a tree (BFS order keeps a prefix a tree)."""
+    """The first n draft nodes of a tree (preorder keeps a prefix a tree)."""
     return compile_tree(list(paths[1:n + 1]))
 
 
@@ -253,7 +253,7 @@ class EagleProposer:
         selected, tokens, parent, rank = selected.tolist(), tokens.tolist(), parent.tolist(), rank.tolist()
         for b, r in enumerate(rows.tolist()):
             paths = dynamic_tree_paths(selected[b], parent[b], rank[b])
-            tree = _compiled_tree(tuple(sorted(paths, key=lambda p: (len(p), p))))
+            tree = _compiled_tree(tuple(sorted(paths)))         # preorder, as compile_tree orders them
             token_of = {p: tokens[b][i] for p, i in zip(paths, selected[b])}
             out[r] = [token_of[p] for p in tree.paths[1:]]
             if tree.num_nodes > tree.max_depth + 1:

@@ -1,18 +1,20 @@
 """Draft trees as data: Medusa-style path tuples compiled once into buffers.
 
 A path tuple names a node by the top-k ranks taken from the root: (0,) is the root's best child, (1,) its second,
-(0, 1) the second-best child of (0,). Node 0 is the root (the last committed token); the others follow in BFS order
-(by depth, then path), so parent[i] < i and any prefix of the node list is itself a tree (vLLM truncates spec tokens
-from the tail). A chain of K is [(0,), (0, 0), ...].
+(0, 1) the second-best child of (0,). Node 0 is the root (the last committed token); the others follow in preorder
+(depth first, children by rank: the paths sorted), so parent[i] < i, any prefix of the node list is itself a tree
+(vLLM truncates spec tokens from the tail: the side branches go first, the best chain last), and every first-child
+run is a block of consecutive nodes (tree_attention.py verifies each as one causal sequence). A chain of K is
+[(0,), (0, 0), ...].
 
 E.g. paths [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)] compile to
-  node     0   1     2     3       4       5
-  path     ()  (0,)  (1,)  (0,0)   (0,1)   (0,0,0)
-  parent   -1  0     0     1       1       3
-  depth    0   1     1     2       2       3
-  rank     0   0     1     0       1       0
-  first_child [1, 3, -1, 5, -1, -1]; next_sibling [-1, 2, -1, 4, -1, -1]
-  ancestors (bit j = node j is on the path root..i, itself included) [0b1, 0b11, 0b101, 0b1011, 0b10011, 0b101011]
+  node     0   1     2      3        4      5
+  path     ()  (0,)  (0,0)  (0,0,0)  (0,1)  (1,)
+  parent   -1  0     1      2        1      0
+  depth    0   1     2      3        2      1
+  rank     0   0     0      0        1      1
+  first_child [1, 2, 3, -1, -1, -1]; next_sibling [-1, 5, 4, -1, -1, -1]
+  ancestors (bit j = node j is on the path root..i, itself included) [0b1, 0b11, 0b111, 0b1111, 0b10011, 0b100001]
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def compile_tree(spec: str | list) -> TreeBuffers:
         raise TreeSpecError(f"tree has duplicate paths: {sorted(p for p in set(paths) if paths.count(p) > 1)}")
     if len(paths) + 1 > MAX_TREE_NODES:
         raise TreeSpecError(f"tree has {len(paths)} nodes; at most {MAX_TREE_NODES - 1} are supported")
-    order = [()] + sorted(paths, key=lambda p: (len(p), p))
+    order = [()] + sorted(paths)                           # preorder
     index = {p: i for i, p in enumerate(order)}
     for p in order[1:]:
         if p[:-1] not in index:

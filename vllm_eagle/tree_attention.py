@@ -1,19 +1,17 @@
 """Tree attention on vLLM's CPU backend: every row through vLLM's own (causal) kernel, tree requests cut into paths.
 
-vLLM's CPU kernel only knows causal masks, under which tree node i would see every node before it in BFS order,
-siblings included. vLLM writes this step's K/V into the paged cache before attention (node j of a tree at slot
-L + j, verify.py), so the kernel can verify a tree exactly if each root-to-leaf path is its own causal sequence:
+vLLM's CPU kernel only knows causal masks, under which tree node i would see every node before it, siblings
+included. vLLM writes this step's K/V into the paged cache before attention (node j of a tree at slot L + j,
+verify.py), so the kernel can verify a tree exactly if each root-to-leaf path is its own causal sequence:
 
 - Paths (the default). A tree is cut into *segments* (tree_segments: depth-first, a new segment at every node that
   is not its parent's first child), each a pseudo-request of the kernel's batch: its query rows are its own nodes, its
-  KV is the prefix, then the root and its other ancestors, then itself, at positions L .. L + depth. Those positions
-  live in private copies of the request's blocks from position L + 1 on (scratch blocks the scheduler never hands
-  out, reserve_scratch_blocks): per layer one page copy per private block and one slot copy of the path's nodes into
-  it, then one kernel call over all rows in segment order. No attention arithmetic of ours.
-- Recompute (a request whose segments find no scratch left). After the kernel, its tree rows are recomputed by one
-  torch SDPA per layer in the cache's dtype over its pages up to its last node (gathered in whole pages,
-  kv_layout.py), masked to the prefix and the node's ancestors. Rows are padded to the step's largest tree and page
-  count.
+  KV is the prefix, then the root and its other ancestors, then itself, at positions L .. L + depth. Nodes are in
+  preorder (tree.py), so the segments are consecutive rows in the step's order and the first one, the path 0, 1, ..,
+  D, is the request's own rows and blocks as they are. Every other segment's positions from L + 1 on live in private
+  copies of the request's blocks (scratch blocks the scheduler never hands out, reserve_scratch_blocks): per layer
+  one page copy per private block and one slot copy of the path's moved nodes into it, then one kernel call over all
+  rows. No attention arithmetic of ours.
 What the layers share (segments, copies, pages, masks) is planned once per step. Chains and other requests keep the
 kernel's output untouched.
 """
@@ -77,27 +75,19 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             tree.recomputed_trees = len(todo)
         paths, recompute = tree.plans[plan_key]
         out = output.view(-1, self.num_heads, self.head_size)
-        if paths.order is None:                                 # nothing cut into segments: the step's metadata
-            t1 = time.perf_counter()
+        for src, dst in paths.pages:                            # a loop of plain copies: 3x faster than index ops
+            kv_cache[dst].copy_(kv_cache[src])
+        if len(paths.slot_src):
+            if paths.slot_index is None:
+                paths.slot_index = slot_copy_index(kv_cache, paths.slot_src, paths.slot_dst, layer.isa)
+            copy_kv_slots(kv_cache, paths.slot_src, paths.slot_dst, layer.isa, paths.slot_index)
+        t1 = time.perf_counter()
+        if paths.metadata is None:                              # nothing cut into segments: the step's metadata
             super().forward(*args)
         else:
-            n, scales = paths.metadata.num_actual_tokens, (output_scale, output_block_scale)
-            for src, dst in paths.pages:                        # a loop of plain copies: 3x faster than index ops
-                kv_cache[dst].copy_(kv_cache[src])
-            if paths.pages:
-                if paths.slot_index is None:
-                    paths.slot_index = slot_copy_index(kv_cache, paths.slot_src, paths.slot_dst, layer.isa)
-                copy_kv_slots(kv_cache, paths.slot_src, paths.slot_dst, layer.isa, paths.slot_index)
-            if paths.in_order:                                  # e.g. a depth-1 tree: segments [0, 1], [2], [3]
-                t1 = time.perf_counter()
-                super().forward(layer, query, key, value, kv_cache, paths.metadata, output, *scales)
-            else:
-                q, o = query[:n].index_select(0, paths.order), torch.empty_like(out[:n])
-                t1 = time.perf_counter()
-                super().forward(layer, q, key, value, kv_cache, paths.metadata, o, *scales)
+            super().forward(layer, query, key, value, kv_cache, paths.metadata, output, output_scale,
+                            output_block_scale)
         kernel_s = time.perf_counter() - t1                     # the kernel's own time is not tree overhead
-        if paths.order is not None and not paths.in_order:
-            out[:n].index_copy_(0, paths.order, o)
         if recompute:
             o = tree_rows_attention(query, kv_cache, recompute, layer.isa, self.num_kv_heads, self.scale)
             out.index_copy_(0, recompute.out_rows, o.to(out.dtype))
@@ -141,13 +131,12 @@ def tree_segments(parent: list[int]) -> list[list[int]]:
 class PathPlan:
     """One step's kernel call with tree requests cut into segments (see the module docstring)."""
     metadata: CPUAttentionMetadata | None   # the step's, with each planned tree request replaced by its segments
-    order: torch.Tensor | None  # [num_actual_tokens] int64: kernel row k is step row order[k] (None: nothing planned)
+    #                                         (None: nothing planned)
     pages: list[tuple[int, int]]    # (request's block, private block): each layer, the private block starts as a
-    #                                 copy of the request's (prefix tokens, the root)
+    #                                 copy of the request's (prefix tokens, the root, nodes on the first segment)
     slot_src: torch.Tensor      # [num_copies] int64: then slot slot_dst[j] takes this step's K/V of slot slot_src[j]
     slot_dst: torch.Tensor      #   (a path's node at depth d: from L + node to its segment's position L + d)
     recompute: set[int]         # req_index of the tree requests left to the masked recompute (no scratch left)
-    in_order: bool = False      # order is the identity: the kernel reads the step's rows as they are
     slot_index: tuple | None = None     # kv_layout.slot_copy_index of the slot copies, made at the first layer
 
 
@@ -158,66 +147,72 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
 
     Segment s of a request with prefix L, path nodes path[0..D] (path[d] at depth d, path[0] = root): query rows
     start + its nodes, seq_len L + D + 1, block table = the request's with every block holding positions L + 1 ..
-    L + D replaced by a scratch block. E.g. block 32, L 45, parents [-1, 0, 0, 1, 1, 3]: segment [0, 1, 3, 5]
-    (depths 0..3) reads positions 46..48 from scratch block p (a copy of the request's block 1, then slots
-    p * 32 + 14, 15, 16 take the K/V at L + 1, L + 3, L + 5); segment [4] (path 0, 1, 4) has one query row, seq_len
-    L + 3; segment [2] (path 0, 2) seq_len L + 2. A segment whose path is 0, 1, .., D (a chain's) needs no copy."""
-    empty = torch.zeros(0, dtype=torch.long)
+    L + D replaced by a scratch block, unless the path is 0, 1, .., D (the first segment). E.g. block 32, L 45,
+    parents [-1, 0, 1, 2, 1, 0] (preorder; children 0: 1, 5; 1: 2, 4; 2: 3): segment [0, 1, 2, 3] is the request's
+    own rows, seq_len L + 4, and blocks; segment [4] (path 0, 1, 4) has one query row, seq_len L + 3, and reads
+    positions 46..47 from scratch block p, a copy of the request's block 1 (positions 32..63, so L + i at offset
+    13 + i) whose slot p * 32 + 15 then takes the K/V at L + 4 (node 1's, at offset 14, came with the page);
+    segment [5] (path 0, 5), seq_len L + 2, reads position 46 from its scratch block q: slot q * 32 + 14 takes L + 5."""
     if len(scratch) == 0:
-        return PathPlan(None, None, [], empty, empty, {r.req_index for r in rows})
+        return PathPlan(None, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                        {r.req_index for r in rows})
     qsl, seq_lens, bt = md.query_start_loc.tolist(), md.seq_lens.tolist(), md.block_table
     by_req, free = {r.req_index: r for r in rows}, scratch.tolist()
-    order, q_lens, new_seq, new_bt, recompute = [], [], [], [], set()
+    q_lens, new_seq, new_bt, recompute = [], [], [], set()
     pages, slot_src, slot_dst = [], [], []
     for r in range(len(seq_lens)):
-        row, rows_r = by_req.get(r), list(range(qsl[r], qsl[r + 1]))
-        if row is not None and (row.start, row.num_nodes) != (qsl[r], len(rows_r)):
+        row = by_req.get(r)
+        if row is not None and (row.start, row.num_nodes) != (qsl[r], qsl[r + 1] - qsl[r]):
             raise RuntimeError(f"tree request {row.req_id}: its {row.num_nodes} nodes from row {row.start} are not "
                                f"its scheduled rows {qsl[r]}..{qsl[r + 1] - 1} (vLLM's step layout changed?)")
         parent = [] if row is None else row.parent.tolist()
         segments = tree_segments(parent) if parent else []
+        if [i for seg in segments for i in seg] != list(range(len(parent))):
+            raise RuntimeError(f"tree request {row.req_id}: nodes not in preorder (parents {parent}); "
+                               "trees come from tree.compile_tree")
         L = 0 if row is None else row.prefix_len
         paths = []
-        for seg in segments:
+        for seg in segments[1:]:
             path, p = [], parent[seg[0]]
             while p >= 0:
                 path.append(p)
                 p = parent[p]
             paths.append(path[::-1] + seg)
-        private = [range((L + 1) // block_size, (L + len(path) - 1) // block_size + 1)
-                   if path != list(range(len(path))) else range(0) for path in paths]
+        private = [range((L + 1) // block_size, (L + len(path) - 1) // block_size + 1) for path in paths]
         if row is None or sum(map(len, private)) > len(free):
             if row is not None:
                 recompute.add(r)
-            order += rows_r
-            q_lens.append(len(rows_r))
+            q_lens.append(qsl[r + 1] - qsl[r])
             new_seq.append(seq_lens[r])
             new_bt.append(bt[r])
             continue
-        for seg, path, blocks in zip(segments, paths, private):
+        q_lens.append(len(segments[0]))
+        new_seq.append(L + len(segments[0]))
+        new_bt.append(bt[r])
+        for seg, path, blocks in zip(segments[1:], paths, private):
             table = bt[r].clone()
             for b in blocks:
                 table[b] = free.pop()
                 pages.append((int(bt[r, b]), int(table[b])))
-            for d in range(1, len(path)) if blocks else ():
-                src, dst = L + path[d], L + d
-                slot_src.append(int(bt[r, src // block_size]) * block_size + src % block_size)
-                slot_dst.append(int(table[dst // block_size]) * block_size + dst % block_size)
-            order += [row.start + i for i in seg]
+            for d in range(1, len(path)):
+                if path[d] != d:                                # node d of the first segment came with the page
+                    src, dst = L + path[d], L + d
+                    slot_src.append(int(bt[r, src // block_size]) * block_size + src % block_size)
+                    slot_dst.append(int(table[dst // block_size]) * block_size + dst % block_size)
             q_lens.append(len(seg))
             new_seq.append(L + len(path))
             new_bt.append(table)
     qsl_new = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     seq_new = torch.tensor(new_seq, dtype=torch.int32)
     metadata = dataclasses.replace(            # num_actual_tokens: the scheduled rows (vLLM's may count padding)
-        md, num_actual_tokens=len(order), query_start_loc=qsl_new, seq_lens=seq_new, block_table=torch.stack(new_bt), max_query_len=max(q_lens),
-        max_seq_len=max(new_seq), scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+        md, num_actual_tokens=int(qsl_new[-1]), query_start_loc=qsl_new, seq_lens=seq_new,
+        block_table=torch.stack(new_bt), max_query_len=max(q_lens), max_seq_len=max(new_seq),
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(new_seq), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
             seq_lens=seq_new, dtype=dtype, query_start_loc=qsl_new, causal=True, sliding_window_size=-1, isa=isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV))
     as_long = lambda x: torch.tensor(x, dtype=torch.long)      # noqa: E731
-    return PathPlan(metadata, as_long(order), pages, as_long(slot_src), as_long(slot_dst), recompute,
-                    in_order=order == list(range(len(order))))
+    return PathPlan(metadata if pages else None, pages, as_long(slot_src), as_long(slot_dst), recompute)
 
 
 def scratch_block_count(max_leaves: int, max_num_seqs: int, num_blocks: int) -> int:

@@ -1,9 +1,9 @@
 """Verify stage: how a step's draft trees are laid out for the one target forward that checks them all.
 
-Request r with a tree of n+1 nodes (root = node 0 = the request's first scheduled token, drafts 1..n in BFS order)
+Request r with a tree of n+1 nodes (root = node 0 = the request's first scheduled token, drafts 1..n in preorder)
 occupies query rows start .. start+n and KV slots L .. L+n (L = tokens committed before the root); node i runs at
 RoPE position L + depth(i) and attends to the whole prefix (slots < L) plus its ancestors (itself included).
-E.g. parents [-1, 0, 0, 1], L = 7: positions [7, 8, 8, 9], slots [7, 8, 9, 10]; node 3 sees slots 0..6, 7, 8, 10.
+E.g. parents [-1, 0, 1, 0], L = 7: positions [7, 8, 9, 8], slots [7, 8, 9, 10]; node 3 sees slots 0..6, 7, 10.
 Requests whose drafts form a chain need none of this: vLLM's causal kernel already verifies them.
 """
 from __future__ import annotations
