@@ -1,5 +1,5 @@
 """The batch-1 step under a sampling profiler: one in-process engine (vanilla; ours chain K=2 with the gate on; or
-`tree`: ours with the default static tree of benchmarks.run, drafting every step),
+`tree [PATHS]`: ours with a static tree, default the default tree of benchmarks.run, drafting every step),
 6 MT-Bench prompts x 128 greedy tokens after an untimed warm-up; `/tmp/profile_b1_go` appears when timing starts.
 
     python -m benchmarks.profile_b1 chain & \\
@@ -18,7 +18,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 GO = "/tmp/profile_b1_go"
 
 
-def main(which: str) -> None:
+def main(which: str, tree: str | None = None) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -27,7 +27,7 @@ def main(which: str) -> None:
     target, head = vllm_eagle.default_target(), vllm_eagle.default_head()
     prompts = workloads(AutoTokenizer.from_pretrained(target), ["mtbench"], 8)["mtbench"]
     spec = {"chain": lambda: vllm_eagle.speculative_kwargs(head),
-            "tree": lambda: vllm_eagle.speculative_kwargs(head, tree=DEFAULT_TREE, adaptive=False),
+            "tree": lambda: vllm_eagle.speculative_kwargs(head, tree=tree or DEFAULT_TREE, adaptive=False),
             "vanilla": lambda: {"enable_prefix_caching": False}}[which]()
     llm = LLM(model=target, dtype="bfloat16", max_model_len=2048, enforce_eager=True, max_num_seqs=32, seed=0, **spec)
     sp = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -43,4 +43,4 @@ def main(which: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "chain")
+    main(*(sys.argv[1:] or ["chain"]))

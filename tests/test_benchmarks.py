@@ -45,6 +45,22 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     assert len(rows) == len(data["rows"])
 
 
+def test_interleaved_b1_rows_are_well_formed(oracle, tmp_path):
+    from benchmarks.interleaved import main as interleaved
+    target, head = oracle
+    rows = interleaved(["--target", target, "--head", head, "--trees", "[(0,), (1,), (0, 0)]", "--prompts", "2",
+                        "--max-tokens", "8", "--out", str(tmp_path)])
+    assert [r["config"] for r in rows] == ["vanilla", "vanilla-2", "ours-chain-k2", "ours-tree-n3-d2"]
+    data = json.load(open(next(tmp_path.glob("*-interleaved-b1.json"))))
+    assert data["rows"] == rows and len(data["seconds"]) == 4 and all(len(s) == 2 for s in data["seconds"])
+    assert (tmp_path / next(tmp_path.glob("*.json")).name.replace(".json", ".md")).is_file()
+    assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    for r in rows[2:]:
+        assert r["tau"] > 2.0                                          # the oracle head is accepted
+        assert set(r["stage_ms"]) == {"draft", "mask", "tree_attention", "accept", "kv_commit"}
+        assert (r["stage_ms"]["accept"] > 0) == ("tree" in r["config"]), r
+
+
 def test_kernel_microbenchmarks_run_on_the_shared_references():
     from benchmarks.kernels import main as kernels_main
     rows = kernels_main(["--reps", "1"])

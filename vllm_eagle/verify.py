@@ -21,7 +21,7 @@ class TreeRow:
     start: int                  # first query row (the root) in the flattened step
     prefix_len: int             # L: committed tokens before the root
     parent: torch.Tensor        # [num_nodes] int32, -1 at the root
-    tokens: torch.Tensor        # [num_nodes] int64 node tokens (root = last committed token)
+    tokens: torch.Tensor        # [num_nodes] int64 node tokens (root: 0, a placeholder acceptance never reads)
     ancestors: torch.Tensor     # [num_nodes, num_nodes] bool: node i attends to node j
 
     @property

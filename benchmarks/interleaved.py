@@ -1,0 +1,117 @@
+"""Batch 1, paired prompt by prompt: every configuration's engine is alive at once and the prompts go round them in
+turn, so each prompt's speedup is measured against a vanilla run seconds apart, not minutes (this machine drifts by
+10-40 % within a run of benchmarks.run; its b1 shape comparisons of 3 % were noise).
+
+    python -m benchmarks.interleaved [--trees "[(0,), (1,), (0, 0)]" ...] [--dynamic 4,4,8] [--prompts 16]
+
+Engines: vanilla twice (the second one's "speedup" is the method's own noise floor), ours chain K=2 and each tree,
+all with adaptive=False (every step drafts: the shapes' own costs, not the gate's). Prompt i runs on every engine in
+a rotated order (engine j at turn (i + j) mod n), greedy, max_tokens each, after an untimed warm-up of every engine.
+Per configuration: tokens/s over all prompts, speedup = median over prompts of (its tokens/s / vanilla's on that
+prompt), tau, step ms and our stages per step (benchmarks.run's columns). Markdown + JSON to benchmarks/results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from benchmarks.run import DEFAULT_TREE, RESULTS, configs, environment, spec_counters, workloads
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.interleaved", description=__doc__.split("\n")[0])
+    p.add_argument("--target", help="default: vllm_eagle.default_target()")
+    p.add_argument("--head", help="default: vllm_eagle.default_head()")
+    p.add_argument("--trees", nargs="*", default=["[(0,), (1,), (0, 0)]", DEFAULT_TREE])
+    p.add_argument("--dynamic", nargs="*", default=[], metavar="DEPTH,TOP_K,TOTAL")
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=16, help="MT-Bench first turns (at least 2)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    import copy
+
+    import vllm_eagle
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    target, head = a.target or vllm_eagle.default_target(), a.head or vllm_eagle.default_head()
+    prompts = workloads(AutoTokenizer.from_pretrained(target), ["mtbench"], a.prompts)["mtbench"]
+    cfgs = [c for c in configs(head, [a.k], ["ours"], a.trees,
+                               [tuple(int(x) for x in d.split(",")) for d in a.dynamic]) if c.name != "vanilla-end"]
+    cfgs.insert(1, copy.deepcopy(cfgs[0]))
+    cfgs[1].name = "vanilla-2"
+    for c in cfgs[2:]:
+        c.spec = copy.deepcopy(c.spec)
+        c.spec["additional_config"]["vllm_eagle"]["adaptive"] = False
+    engines = []
+    for c in cfgs:
+        print(f"[interleaved] starting {c.name}", flush=True)
+        llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
+                  max_num_seqs=1, seed=0, **{"enable_prefix_caching": False, **c.spec})
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+        engines.append(llm)
+    before = [spec_counters(llm) for llm in engines]
+    for c, llm in zip(cfgs, engines):
+        if c.name.startswith("ours"):
+            llm.collective_rpc("eagle_stats", kwargs={"reset": True})
+    sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
+    secs = [[0.0] * len(prompts) for _ in cfgs]
+    for i, prompt in enumerate(prompts):
+        for turn in range(len(cfgs)):
+            j = (i + turn) % len(cfgs)
+            t = time.perf_counter()
+            n = len(engines[j].generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
+            secs[j][i] = time.perf_counter() - t
+            assert n == a.max_tokens, (cfgs[j].name, n)
+        print(f"[interleaved] prompt {i + 1}/{len(prompts)}: "
+              + ", ".join(f"{c.name} {a.max_tokens / s[i]:.1f}" for c, s in zip(cfgs, secs)), flush=True)
+    rows = []
+    for c, llm, s, b in zip(cfgs, engines, secs, before):
+        after = spec_counters(llm)
+        row = {"config": c.name, "tokens_per_s": round(a.max_tokens * len(prompts) / sum(s), 2),
+               "speedup": round(statistics.median(s0 / x for s0, x in zip(secs[0], s)), 3),
+               "speedup_quartiles": [round(q, 3) for q in statistics.quantiles([s0 / x for s0, x in zip(secs[0], s)])],
+               "step_ms": round(1000 * sum(s) / (len(prompts) * a.max_tokens), 2)}
+        if c.name.startswith("ours"):
+            drafts = after["drafts"] - b.get("drafts", 0)
+            row["tau"] = round(1 + (after["accepted_tokens"] - b.get("accepted_tokens", 0)) / max(1, drafts), 3)
+            st = llm.collective_rpc("eagle_stats")[0]
+            row["step_ms"] = round(1000 * sum(s) / max(1, st["steps"]), 2)
+            row["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 2)
+                               for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
+            row["ms_per_token"] = round(row["step_ms"] / row["tau"], 2)
+        rows.append(row)
+    for llm in engines:
+        llm.llm_engine.engine_core.shutdown()
+    env = environment()
+    cmd = "python -m benchmarks.interleaved " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    md = [f"Command: `{cmd}`  ",
+          f"Hardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch {env['torch']}, "
+          f"Python {env['python']}; commit {env['commit']}; {env['date']}.  ",
+          f"MT-Bench first turns, {len(prompts)} prompts x {a.max_tokens} greedy tokens, batch 1, {a.dtype}, every "
+          "engine alive at once, prompt by prompt in rotated order; speedup = median over prompts of the ratio to "
+          "vanilla on the same prompt (quartiles beside it); ours with adaptive=False.", "",
+          "| config | tok/s | speedup (q1-q3) | τ | step ms | ms per token (step / τ) | ours: draft / mask / tree attn "
+          "/ accept / KV commit ms per step |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r.get("stage_ms")
+        md.append(f"| {r['config']} | {r['tokens_per_s']} | {r['speedup']:.2f}× ({r['speedup_quartiles'][0]:.2f}-"
+                  f"{r['speedup_quartiles'][2]:.2f}) | {r.get('tau', '–')} | {r['step_ms']} | "
+                  f"{r.get('ms_per_token', '–')} | " + (" / ".join(f"{v:.1f}" for v in st.values()) if st else "–")
+                  + " |")
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, f"{time.strftime('%Y-%m-%d')}-{env['commit']}-interleaved-b1")
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "command": cmd, "rows": rows, "seconds": secs}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
