@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 
-from benchmarks.run import DEFAULT_TREE, RESULTS, configs, environment, spec_counters, workloads
+from benchmarks.run import DEFAULT_TREE, RESULTS, configs, environment, workloads
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   max_num_seqs=1, seed=0, **{"enable_prefix_caching": False, **c.spec})
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
         engines.append(llm)
-    before = [spec_counters(llm) for llm in engines]
     for c, llm in zip(cfgs, engines):
         if c.name.startswith("ours"):
             llm.collective_rpc("eagle_stats", kwargs={"reset": True})
@@ -70,16 +69,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[interleaved] prompt {i + 1}/{len(prompts)}: "
               + ", ".join(f"{c.name} {a.max_tokens / s[i]:.1f}" for c, s in zip(cfgs, secs)), flush=True)
     rows = []
-    for c, llm, s, b in zip(cfgs, engines, secs, before):
-        after = spec_counters(llm)
+    for c, llm, s in zip(cfgs, engines, secs):
         row = {"config": c.name, "tokens_per_s": round(a.max_tokens * len(prompts) / sum(s), 2),
                "speedup": round(statistics.median(s0 / x for s0, x in zip(secs[0], s)), 3),
                "speedup_quartiles": [round(q, 3) for q in statistics.quantiles([s0 / x for s0, x in zip(secs[0], s)])],
                "step_ms": round(1000 * sum(s) / (len(prompts) * a.max_tokens), 2)}
         if c.name.startswith("ours"):
-            drafts = after["drafts"] - b.get("drafts", 0)
-            row["tau"] = round(1 + (after["accepted_tokens"] - b.get("accepted_tokens", 0)) / max(1, drafts), 3)
+            # tau = tokens per verify step, from this engine's own counters (vLLM's Prometheus spec counters are
+            # process-wide: every in-process engine reads the same pooled sums). Each prompt's first engine step is
+            # its prefill, which emits one token. E.g. 2 prompts x 8 tokens in 8 steps: (16 - 2) / (8 - 2) = 2.33.
             st = llm.collective_rpc("eagle_stats")[0]
+            n = len(prompts)
+            row["tau"] = round((a.max_tokens - 1) * n / max(1, st["steps"] - n), 3)
             row["step_ms"] = round(1000 * sum(s) / max(1, st["steps"]), 2)
             row["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 2)
                                for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}

@@ -45,26 +45,29 @@ def tree_accept(cand: torch.Tensor, first_child: torch.Tensor, next_sibling: tor
        num_accepted [B] int32 (accepted drafts, root excluded)
     """
     B = cand.shape[0]
-    out = torch.full((B, max_depth + 1), -1, dtype=torch.int32)
-    n_acc = torch.zeros(B, dtype=torch.int32)
+    toks, fc, ns, want = cand.tolist(), first_child.tolist(), next_sibling.tolist(), target_argmax.tolist()
+    greedy, u = is_greedy.tolist(), uniform.tolist()
+    out = [[-1] * (max_depth + 1) for _ in range(B)]
+    n_acc = [0] * B
     for b in range(B):
         cur, m = 0, 0
-        out[b, 0] = 0
+        out[b][0] = 0
         while m < max_depth:
-            c, hit, s = int(first_child[b, cur]), -1, 0.0
+            c, hit, s = fc[b][cur], -1, 0.0
             while c != -1 and hit == -1:
-                if bool(is_greedy[b]):
-                    ok = int(cand[b, c]) == int(target_argmax[b, cur])
+                if greedy[b]:
+                    ok = toks[b][c] == want[b][cur]
                 else:
-                    s += float(target_probs[b, cur, cand[b, c]])
-                    ok = float(uniform[b, cur]) < s
+                    s += float(target_probs[b, cur, toks[b][c]])
+                    ok = u[b][cur] < s
                 if ok:
                     hit = c
-                c = int(next_sibling[b, c])
+                c = ns[b][c]
             if hit == -1:
                 break
             m += 1
-            out[b, m] = hit
+            out[b][m] = hit
             cur = hit
         n_acc[b] = m
+    out, n_acc = torch.tensor(out, dtype=torch.int32).view(B, max_depth + 1), torch.tensor(n_acc, dtype=torch.int32)
     return out, n_acc

@@ -95,6 +95,23 @@ def test_two_tree_requests_in_one_step():
     assert build_tree_step(["c"], torch.tensor([0, 3]), torch.tensor([20]), {"c": [21, 22]}, trees, 3) is None
 
 
+
+def test_accept_on_the_two_tree_step():
+    """Greedy acceptance on the step above, bf16 logits with ties (first index wins, as argmax): a accepts node 3
+    (token 13, the root's second child) + bonus 7; d accepts nodes 2, 3 (32, 33; 33 ties 35 at node 2) + bonus 9.
+    Sampled rows: a 0-3, b 4, c 5-7, d 8-11; the prefill's and the chain's outputs stay as vLLM's sampler wrote them."""
+    from vllm_eagle.acceptance import accept_trees
+    trees = {"a": compile_tree("[(0,), (1,), (0, 0)]"), "d": compile_tree("[(0,), (1,), (1, 0), (2,)]")}
+    step = build_tree_step(["a", "b", "c", "d"], torch.tensor([0, 4, 9, 12, 16]), torch.tensor([7, 0, 20, 3]),
+                           {"a": [11, 12, 13], "c": [21, 22], "d": [31, 32, 33]}, trees, num_tokens=16)
+    logits = torch.zeros(12, 40, dtype=torch.bfloat16)
+    for row, tokens in {0: [13], 1: [2], 2: [3], 3: [7, 30], 8: [32], 9: [1], 10: [33, 35], 11: [9]}.items():
+        logits[row, tokens] = 1.5
+    sampled = torch.tensor([[-1] * 4, [4, -1, -1, -1], [21, 22, 5, -1], [-1] * 4], dtype=torch.int32)
+    paths = accept_trees(step, logits, torch.tensor([4, 5, 8, 12]), sampled, {})
+    assert {k: v.tolist() for k, v in paths.items()} == {"a": [0, 3], "d": [0, 2, 3]}
+    assert sampled.tolist() == [[13, 7, -1, -1], [4, -1, -1, -1], [21, 22, 5, -1], [32, 33, 9, -1]]
+
 @pytest.mark.parametrize("spec,msg", [("[(0,), (0, 0, 0)]", r"\(0, 0, 0\) has no parent \(0, 0\)"),
                                       ("[(1,)]", r"\(1,\) skips rank 0"),
                                       ("[(0,), (0,)]", "duplicate paths"),

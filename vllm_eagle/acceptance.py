@@ -87,40 +87,41 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
                  sampling: dict[int, tuple[float, int | None, float | None, torch.Generator | None]]) -> dict:
     """Tree acceptance for the rows of `step`, written into `sampled` in place.
 
-    logits         [num_sampled_rows, V] target logits of every scheduled spec position (+ bonus rows)
+    logits         [num_sampled_rows, V] target logits of every scheduled spec position (+ bonus rows), any float
+                   dtype: greedy compares argmaxes, which widening to float32 (vLLM's sampler) does not change
     cu_num_sampled [num_reqs] inclusive cumulative sampled rows per request
     sampled        [num_reqs, max_spec_len + 1] int32 vLLM sampler output (-1 padded); tree rows are overwritten
     sampling       {req_index: (temperature, top_k, top_p, generator)} for sampled rows; absent = greedy
     -> {req_id: accepted path [0, a_1, ..., a_m]} for KV commit and the next step's features
+
+    Logits row of node j of tree b: end_b - n_b + j, end_b = cu_num_sampled[req_index] (its rows are its last n_b).
+    E.g. cu_num_sampled [1, 5, 9], trees at requests 1 (4 nodes) and 2 (3 nodes) -> rows [[1, 2, 3, 4], [6, 7, 8, 8]]
+    (padding repeats the last row; acceptance never reads a padding node).
     """
     B, N = len(step.rows), max(r.num_nodes for r in step.rows)
-    V = logits.shape[1]
-    cand = torch.zeros(B, N, dtype=torch.int64)
-    argmax = torch.zeros(B, N, dtype=torch.int64)
+    ends = cu_num_sampled.tolist()
+    index = torch.tensor([[ends[r.req_index] - r.num_nodes + min(j, r.num_nodes - 1) for j in range(N)]
+                          for r in step.rows])                                              # [B, N]
+    argmax = logits[index.flatten()].max(dim=-1).indices.view(B, N)   # one pass; ties -> first index, as argmax
+    cand = torch.tensor([r.tokens.tolist() + [0] * (N - r.num_nodes) for r in step.rows], dtype=torch.int64)
     is_greedy = torch.tensor([r.req_index not in sampling for r in step.rows])
-    probs = None if bool(is_greedy.all()) else torch.zeros(B, N, V)
+    probs = None if bool(is_greedy.all()) else torch.zeros(B, N, logits.shape[1])
     uniform = torch.zeros(B, N)
     generators = []
     for b, row in enumerate(step.rows):
-        n1 = row.num_nodes
-        cand[b, :n1] = row.tokens
-        end = int(cu_num_sampled[row.req_index])
-        argmax[b, :n1] = logits[end - n1:end].argmax(dim=-1)
         temperature, top_k, top_p, gen = sampling.get(row.req_index, (0.0, None, None, None))
         generators.append(gen)
         if not is_greedy[b]:
+            n1, end = row.num_nodes, ends[row.req_index]
             probs[b, :n1] = target_probs_for(logits[end - n1:end], temperature, top_k, top_p)
             uniform[b, :n1] = torch.rand(n1, generator=gen, dtype=torch.float64).float()
     first_child, next_sibling = child_tables([row.parent for row in step.rows], N)
     path, num_accepted, final = accept_and_emit(cand, first_child, next_sibling, argmax, probs, uniform, is_greedy,
                                                 generators)
-    paths = {}
-    for b, row in enumerate(step.rows):
-        m = int(num_accepted[b])
-        nodes = path[b, : m + 1].long()
-        out = sampled[row.req_index]
-        out.fill_(-1)
-        out[:m] = cand[b, nodes[1:]].to(out.dtype)
-        out[m] = final[b].to(out.dtype)
-        paths[row.req_id] = nodes
+    width, tokens, final = sampled.shape[1], cand.tolist(), final.tolist()
+    paths, out = {}, []
+    for b, (row, nodes, m) in enumerate(zip(step.rows, path.tolist(), num_accepted.tolist())):
+        out.append([tokens[b][i] for i in nodes[1:m + 1]] + [final[b]] + [-1] * (width - m - 1))
+        paths[row.req_id] = torch.tensor(nodes[:m + 1])
+    sampled[torch.tensor([r.req_index for r in step.rows])] = torch.tensor(out, dtype=sampled.dtype)
     return paths

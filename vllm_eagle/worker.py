@@ -66,7 +66,7 @@ class EagleCPUModelRunner(CPUModelRunner):
         self._accepted_paths = {}
         if self._tree_step is not None:
             stats, t0 = self.drafter.stats, time.perf_counter()
-            self._accepted_paths = accept_trees(self._tree_step, logits.float(),
+            self._accepted_paths = accept_trees(self._tree_step, logits,
                                                 spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids,
                                                 self._tree_sampling())
             t1 = time.perf_counter()
