@@ -102,7 +102,8 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
     ends = cu_num_sampled.tolist()
     index = torch.tensor([[ends[r.req_index] - r.num_nodes + min(j, r.num_nodes - 1) for j in range(N)]
                           for r in step.rows])                                              # [B, N]
-    argmax = logits[index.flatten()].max(dim=-1).indices.view(B, N)   # one pass; ties -> first index, as argmax
+    # One pass over every row (no gather of the tree rows: a copy as slow as the max); ties -> first index, as argmax
+    argmax = logits.max(dim=-1).indices[index]                                              # [B, N]
     cand = torch.tensor([r.tokens.tolist() + [0] * (N - r.num_nodes) for r in step.rows], dtype=torch.int64)
     is_greedy = torch.tensor([r.req_index not in sampling for r in step.rows])
     probs = None if bool(is_greedy.all()) else torch.zeros(B, N, logits.shape[1])

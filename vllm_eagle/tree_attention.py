@@ -40,6 +40,7 @@ MIN_SCRATCH_BLOCKS = 16     # SmolLM2: 5.9 MB each in fp32 (30 layers x 128 slot
 
 
 class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
+    _tree_checked = False       # _check_tree_supported passed (its attributes are fixed at construction)
 
     def forward(
         self,
@@ -57,7 +58,9 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         tree = getattr(attn_metadata, "tree", None)
         if not isinstance(tree, TreeStep):
             return super().forward(*args)
-        self._check_tree_supported()
+        if not self._tree_checked:
+            self._check_tree_supported()
+            self._tree_checked = True
         t0 = time.perf_counter()
         # The same for every layer of a KV cache group with these heads (the scheduler metadata depends on them).
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2], self.num_heads, self.num_kv_heads,
