@@ -6,9 +6,11 @@ turn, so each prompt's speedup is measured against a vanilla run seconds apart, 
 
 Engines: vanilla twice (the second one's "speedup" is the method's own noise floor), ours chain K=2 and each tree,
 all with adaptive=False (every step drafts: the shapes' own costs, not the gate's). Prompt i runs on every engine in
-a rotated order (engine j at turn (i + j) mod n), greedy, max_tokens each, after an untimed warm-up of every engine.
+a rotated order (turn t of prompt i runs engine (i + t) mod n), greedy, max_tokens each, after an untimed warm-up of every engine.
 Per configuration: tokens/s over all prompts, speedup = median over prompts of (its tokens/s / vanilla's on that
 prompt), tau, step ms and our stages per step (benchmarks.run's columns). Markdown + JSON to benchmarks/results.
+Engines created later ran a few percent faster on 2026-12-07 (two identical vanilla engines differed by 10 %): compare
+shapes over a normal and a --reverse-start run.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prompts", type=int, default=16, help="MT-Bench first turns (at least 2)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reverse-start", action="store_true",
+                   help="create the engines last config first (engines differ by up to ~10 %% by creation order: "
+                        "vanilla-2 ran 1.10x vanilla on 2026-12-07; a second run reversed shows which gaps survive)")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     import copy
@@ -47,13 +52,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for c in cfgs[2:]:
         c.spec = copy.deepcopy(c.spec)
         c.spec["additional_config"]["vllm_eagle"]["adaptive"] = False
-    engines = []
-    for c in cfgs:
+    engines = [None] * len(cfgs)
+    for j in (reversed(range(len(cfgs))) if a.reverse_start else range(len(cfgs))):
+        c = cfgs[j]
         print(f"[interleaved] starting {c.name}", flush=True)
         llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, disable_log_stats=False,
                   max_num_seqs=1, seed=0, **{"enable_prefix_caching": False, **c.spec})
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-        engines.append(llm)
+        engines[j] = llm
     for c, llm in zip(cfgs, engines):
         if c.name.startswith("ours"):
             llm.collective_rpc("eagle_stats", kwargs={"reset": True})

@@ -49,8 +49,8 @@ def test_interleaved_b1_rows_are_well_formed(oracle, tmp_path):
     from benchmarks.interleaved import main as interleaved
     target, head = oracle
     rows = interleaved(["--target", target, "--head", head, "--trees", "[(0,), (1,), (0, 0)]", "--prompts", "2",
-                        "--max-tokens", "8", "--out", str(tmp_path)])
-    assert [r["config"] for r in rows] == ["vanilla", "vanilla-2", "ours-chain-k2", "ours-tree-n3-d2"]
+                        "--max-tokens", "8", "--reverse-start", "--out", str(tmp_path)])
+    assert [r["config"] for r in rows] == ["vanilla", "vanilla-2", "ours-chain-k2", "ours-tree-n3-d2"]  # created reversed
     data = json.load(open(next(tmp_path.glob("*-interleaved-b1.json"))))
     assert data["rows"] == rows and len(data["seconds"]) == 4 and all(len(s) == 2 for s in data["seconds"])
     assert (tmp_path / next(tmp_path.glob("*.json")).name.replace(".json", ".md")).is_file()
