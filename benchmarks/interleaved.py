@@ -6,7 +6,8 @@ turn, so each prompt's speedup is measured against a vanilla run seconds apart, 
 
 Engines: vanilla twice (the second one's "speedup" is the method's own noise floor), ours chain K=2 and each tree,
 all with adaptive=False (every step drafts: the shapes' own costs, not the gate's). Prompt i runs on every engine in
-a rotated order (turn t of prompt i runs engine (i + t) mod n), greedy, max_tokens each, after an untimed warm-up of every engine.
+a rotated order (its turn t runs engine (i + t) mod n), greedy, max_tokens each, after an untimed warm-up of every
+engine.
 Per configuration: tokens/s over all prompts, speedup = median over prompts of (its tokens/s / vanilla's on that
 prompt), tau, step ms and our stages per step (benchmarks.run's columns). Markdown + JSON to benchmarks/results.
 Engines created later ran a few percent faster on 2026-12-07 (two identical vanilla engines differed by 10 %): compare

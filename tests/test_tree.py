@@ -95,7 +95,6 @@ def test_two_tree_requests_in_one_step():
     assert build_tree_step(["c"], torch.tensor([0, 3]), torch.tensor([20]), {"c": [21, 22]}, trees, 3) is None
 
 
-
 def test_accept_on_the_two_tree_step():
     """Greedy acceptance on the step above, bf16 logits with ties (first index wins, as argmax): a accepts node 3
     (token 13, the root's second child) + bonus 7; d accepts nodes 2, 3 (32, 33; 33 ties 35 at node 2) + bonus 9.
@@ -111,6 +110,7 @@ def test_accept_on_the_two_tree_step():
     paths = accept_trees(step, logits, torch.tensor([4, 5, 8, 12]), sampled, {})
     assert {k: v.tolist() for k, v in paths.items()} == {"a": [0, 3], "d": [0, 2, 3]}
     assert sampled.tolist() == [[13, 7, -1, -1], [4, -1, -1, -1], [21, 22, 5, -1], [32, 33, 9, -1]]
+
 
 @pytest.mark.parametrize("spec,msg", [("[(0,), (0, 0, 0)]", r"\(0, 0, 0\) has no parent \(0, 0\)"),
                                       ("[(1,)]", r"\(1,\) skips rank 0"),
