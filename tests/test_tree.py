@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vllm_eagle import verify
 from vllm_eagle.tree import TreeSpecError, chain, compile_tree
 from vllm_eagle.verify import build_tree_step
 
@@ -80,8 +81,12 @@ def test_two_tree_requests_in_one_step():
     trees = {"a": compile_tree("[(0,), (1,), (0, 0)]"), "c": compile_tree("[(0,), (1,), (2,), (0, 0)]"),
              "d": compile_tree("[(0,), (1,), (1, 0), (2,)]")}
     spec = {"a": [11, 12, 13], "c": [21, 22], "d": [31, 32, 33]}
-    step = build_tree_step(["a", "b", "c", "d"], torch.tensor([0, 4, 9, 12, 16]), torch.tensor([7, 0, 20, 3]),
-                           spec, trees, num_tokens=16)
+    verify._SHAPES.clear()                                  # shapes built by the mask kernel, then remembered
+    step, again = (build_tree_step(["a", "b", "c", "d"], torch.tensor([0, 4, 9, 12, 16]),
+                                   torch.tensor([7, 0, 20, 3]), spec, trees, num_tokens=16) for _ in range(2))
+    assert set(verify._SHAPES) == {(-1, 0, 1, 0), (-1, 0, 0, 2)}
+    assert torch.equal(again.pos_delta, step.pos_delta)
+    assert all(torch.equal(x.ancestors, y.ancestors) for x, y in zip(step.rows, again.rows))
     a, d = step.rows
     assert (a.req_index, a.req_id, a.start, a.prefix_len) == (0, "a", 0, 7)
     assert (d.req_index, d.req_id, d.start, d.prefix_len) == (3, "d", 12, 3)

@@ -13,8 +13,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm_eagle import kv_layout
 from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
 from vllm_eagle.tree import chain, compile_tree
-from vllm_eagle.tree_attention import (TreeCPUAttentionBackend, TreeCPUAttentionImpl, plan_tree_attention,
-                                      plan_tree_paths, register_tree_attention, tree_segments)
+from vllm_eagle.tree_attention import (PrivateBlocks, TreeCPUAttentionBackend, TreeCPUAttentionImpl,
+                                      plan_tree_attention, plan_tree_paths, register_tree_attention, tree_segments)
 from vllm_eagle.verify import TreeRow, TreeStep
 
 BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 24     # odd head counts: 3 query heads per KV head
@@ -45,10 +45,15 @@ def _paged(seqs, dtype, isa, block_table=None):
             block_table[r, :c] = perm[sum(counts[:r]): sum(counts[:r + 1])]
     slots = [block_table[r, torch.arange(len(k)) // BLOCK].long() * BLOCK + torch.arange(len(k)) % BLOCK
              for r, (k, _) in enumerate(seqs)]
-    key_cache, value_cache = kv_cache.view(NUM_BLOCKS, H_KV, 2 * BLOCK, D).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(torch.cat([k for k, _ in seqs]), torch.cat([v for _, v in seqs]), key_cache,
-                                   value_cache, torch.cat(slots), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    _write(kv_cache, torch.cat([k for k, _ in seqs]), torch.cat([v for _, v in seqs]), torch.cat(slots), isa)
     return kv_cache, block_table, slots
+
+
+def _write(kv_cache, k, v, slots, isa):
+    """vLLM's cache writer: token i's k, v [n, H_KV, D] into slot slots[i]."""
+    key_cache, value_cache = kv_cache.view(kv_cache.shape[0], H_KV, 2 * BLOCK, D).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
 
 
 def _impl(cls, dtype, monkeypatch, **kw):
@@ -67,6 +72,11 @@ def _attend(impl, reqs, dtype, isa, tree=None, scratch=0):
         used = {int(block_table[r, b]) for r, (k, _, _) in enumerate(reqs) for b in range(-(-len(k) // BLOCK))}
         tree.scratch = torch.tensor([b for b in range(NUM_BLOCKS) if b not in used][:scratch])
         tree.plans.clear()
+    return _forward(impl, reqs, kv_cache, block_table, slots, dtype, isa, tree)
+
+
+def _forward(impl, reqs, kv_cache, block_table, slots, dtype, isa, tree):
+    """One attention forward over requests (k, v, q) whose K/V the cache already holds at `slots`."""
     num_q = torch.tensor([len(q) for _, _, q in reqs])
     qsl = torch.cat([num_q.new_zeros(1), num_q.cumsum(0)]).int()   # [num_reqs + 1]
     seq_lens = torch.tensor([len(k) for k, _, _ in reqs], dtype=torch.int32)
@@ -157,7 +167,7 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
 
 # Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
 # recomputed in the same step), enough for all (4 trees below: 2 + 0 + 2 + 3 private blocks, the first segment of
-# each needing none; with none at all the chain is recomputed too).
+# each needing none; the chain-shaped one needs none, so the kernel verifies it even with no scratch).
 @pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
 @pytest.mark.parametrize("dtype, isa", CASES)
 def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
@@ -166,7 +176,7 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     layout = [(45, tree), (20, None), (30, line), (1, tree), (30, tree)]
     got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
     rows = step.rows
-    assert step.recomputed_trees == {0: 4, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
+    assert step.recomputed_trees == {0: 3, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
     plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
     assert torch.equal(got[plain], kernel[plain])
@@ -183,7 +193,7 @@ def test_depth_1_trees(dtype, isa, monkeypatch):
     star = compile_tree("[(0,), (1,), (2,)]")
     got, kernel, want, step = _tree_case([(45, star), (31, star)], dtype, isa, 8, monkeypatch)
     (paths, _), = step.plans.values()
-    assert len(paths.pages) == 4 and step.recomputed_trees == 0
+    assert len(paths.pages) == 2 and step.recomputed_trees == 0         # L + 1 = 32 starts a block: nothing to copy
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=0)
     assert (got.float() - kernel.float()).abs().max() > 10 * TOL[dtype]      # the causal kernel alone was wrong
 
@@ -203,14 +213,15 @@ def test_tree_segments_cut_a_tree_into_paths():
 
 def test_tree_paths_plan_is_the_worked_example(monkeypatch):
     """plan_tree_paths' docstring: block 32, L 45, parents [-1, 0, 1, 2, 1, 0], request blocks [7, 3], scratch [20,
-    21, 22]; a plain request of 2 rows before it."""
+    21, 22]; a plain request of 2 rows before it. Then the next step (L 47): the mirrors are current."""
     row = _tree_row(compile_tree(TREE), 1, 2, 45)
     qsl, seq_lens = torch.tensor([0, 2, 8], dtype=torch.int32), torch.tensor([10, 51], dtype=torch.int32)
     md = CPUAttentionMetadata(num_actual_tokens=8, max_query_len=6, query_start_loc=qsl, max_seq_len=51,
                               seq_lens=seq_lens, block_table=torch.tensor([[5, 0], [7, 3]], dtype=torch.int32),
                               slot_mapping=torch.zeros(8, dtype=torch.long), scheduler_metadata=None)
     impl = _impl(TreeCPUAttentionImpl, torch.float32, monkeypatch)
-    plan = plan_tree_paths([row], md, BLOCK, torch.tensor([20, 21, 22]), impl, torch.float32, "vec")
+    private = PrivateBlocks([20, 21, 22])
+    plan = plan_tree_paths([row], md, BLOCK, private, 1, impl, torch.float32, "vec")
     assert plan.metadata.query_start_loc.tolist() == [0, 2, 6, 7, 8]      # plain rows, segments [0..3], [4], [5]
     assert plan.metadata.seq_lens.tolist() == [10, 45 + 4, 45 + 3, 45 + 2]
     assert plan.metadata.block_table.tolist() == [[5, 0], [7, 3], [7, 22], [7, 21]]
@@ -218,13 +229,56 @@ def test_tree_paths_plan_is_the_worked_example(monkeypatch):
     # block 3 holds positions 32..63: L + i at offset 13 + i
     assert plan.slot_src.tolist() == [3 * 32 + 17, 3 * 32 + 18]
     assert plan.slot_dst.tolist() == [22 * 32 + 15, 21 * 32 + 14]
-    assert plan.recompute == set()
-    short = plan_tree_paths([row], md, BLOCK, torch.tensor([20]), impl, torch.float32, "vec")
+    assert plan.recompute == set() and private.free == [20]
+    row.prefix_len, md.seq_lens = 47, torch.tensor([10, 53], dtype=torch.int32)
+    nxt = plan_tree_paths([row], md, BLOCK, private, 2, impl, torch.float32, "vec")
+    assert nxt.pages == [] and nxt.metadata.block_table.tolist() == [[5, 0], [7, 3], [7, 22], [7, 21]]
+    # mirror 22: offsets 14, 15 (L 47 is offset 15) committed, then path 0, 1, 4 at 16, 17; mirror 21: 14, 15, 16
+    assert nxt.slot_src.tolist() == [3 * 32 + o for o in (14, 15, 16, 19, 14, 15, 20)]
+    assert nxt.slot_dst.tolist() == [22 * 32 + o for o in (14, 15, 16, 17)] + [21 * 32 + o for o in (14, 15, 16)]
+    again = plan_tree_paths([row], md, BLOCK, private, 4, impl, torch.float32, "vec")      # a step went by
+    assert again.pages == [(3, 22), (3, 21)]
+    plan_tree_paths([], md, BLOCK, private, 5, impl, torch.float32, "vec")     # no tree: mirrors released
+    assert sorted(private.free) == [20, 21, 22] and private.mirrors == {}
+    short = plan_tree_paths([row], md, BLOCK, PrivateBlocks([20]), 1, impl, torch.float32, "vec")
     assert short.recompute == {1} and short.metadata is None and short.pages == []
     bfs = _tree_row(compile_tree(TREE), 1, 2, 45)
     bfs.parent = torch.tensor([-1, 0, 0, 1, 1, 3], dtype=torch.int32)      # not preorder: segments not consecutive
     with pytest.raises(RuntimeError, match="not in preorder"):
-        plan_tree_paths([bfs], md, BLOCK, torch.tensor([20, 21, 22]), impl, torch.float32, "vec")
+        plan_tree_paths([bfs], md, BLOCK, PrivateBlocks([20, 21, 22]), 1, impl, torch.float32, "vec")
+
+
+@pytest.mark.parametrize("dtype, isa", CASES)
+def test_mirrors_follow_a_request_across_steps(dtype, isa, monkeypatch):
+    """One tree request over steps on one cache, its tokens committed in between (new K/V where last step's nodes
+    were, as KV compaction leaves them): each step's tree rows equal per-branch chains over what the cache holds,
+    whether the mirrors were current (slots copied), stale (steps without trees: pages copied) or moved to the
+    next block (step 7: L + 1 = 65 is in block 2, the mirrors copied it)."""
+    tree, impl = compile_tree(TREE), _impl(TreeCPUAttentionImpl, dtype, monkeypatch)
+    n, block_table = tree.num_nodes, torch.tensor([[9, 4, 17]], dtype=torch.int32)
+    slot = lambda pos: block_table[0, pos // BLOCK].long() * BLOCK + pos % BLOCK      # noqa: E731
+    k, v = _seq(3 * BLOCK, dtype)
+    kv_cache = torch.zeros(NUM_BLOCKS, H_KV, BLOCK, 2 * D, dtype=dtype)
+    private, written = {}, 0
+    for step, L, pages in ((1, 40, 2), (2, 43, 0), (3, 44, 0), (5, 47, 2), (6, 62, 0), (7, 64, 2), (8, 66, 0)):
+        # committed since, then this step's nodes (fresh values); in the steps without trees before step 5 the
+        # request was preempted and recomputed: its block 1 rewritten
+        new = torch.arange(BLOCK if step == 5 else written, L + n)
+        k[new], v[new] = _seq(len(new), dtype)
+        _write(kv_cache, k[new], v[new], slot(new), isa)
+        written = L + 1
+        q = torch.randn(n, H_Q, D).to(dtype)
+        tstep = TreeStep([_tree_row(tree, 0, 0, L)], torch.arange(n) - tree.depth, step=step, private=private,
+                         scratch=torch.tensor([20, 21, 22, 23]))
+        got = _forward(impl, [(k[:L + n], v[:L + n], q)], kv_cache, block_table, [slot(torch.arange(L + n))], dtype,
+                       isa, tstep)
+        (plan, _), = tstep.plans.values()
+        assert len(plan.pages) == pages, step
+        for path in tree.retrieve:
+            path = path[path >= 0].long()
+            want = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch),
+                           [(torch.cat([k[:L], k[L + path]]), torch.cat([v[:L], v[L + path]]), q[path])], dtype, isa)
+            torch.testing.assert_close(got[path].float(), want.float(), atol=TOL[dtype], rtol=0)
 
 
 def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():

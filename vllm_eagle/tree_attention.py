@@ -9,9 +9,12 @@ verify.py), so the kernel can verify a tree exactly if each root-to-leaf path is
   KV is the prefix, then the root and its other ancestors, then itself, at positions L .. L + depth. Nodes are in
   preorder (tree.py), so the segments are consecutive rows in the step's order and the first one, the path 0, 1, ..,
   D, is the request's own rows and blocks as they are. Every other segment's positions from L + 1 on live in private
-  copies of the request's blocks (scratch blocks the scheduler never hands out, reserve_scratch_blocks): per layer
-  one page copy per private block and one slot copy of the path's moved nodes into it, then one kernel call over all
-  rows. No attention arithmetic of ours.
+  blocks (scratch blocks the scheduler never hands out, reserve_scratch_blocks). The one holding L + 1 also needs
+  the request's tokens before L + 1 in that block: it is a *mirror* of the request's block, kept by (request,
+  segment ordinal) across consecutive tree steps (PrivateBlocks), so a step copies only the slots committed since
+  the last (about τ of them) instead of a whole page (196 KB per layer for SmolLM2 in fp32). Per layer: a page copy
+  per new mirror, one slot copy (those committed slots and the path's nodes), then one kernel call over all rows.
+  No attention arithmetic of ours.
 What the layers share (segments, copies, pages, masks) is planned once per step. Chains and other requests keep the
 kernel's output untouched.
 """
@@ -69,8 +72,8 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             if tree.scratch.numel() and int(tree.scratch.max()) >= kv_cache.shape[0]:
                 raise RuntimeError(f"tree scratch blocks {tree.scratch.tolist()} lie beyond this layer's "
                                    f"{kv_cache.shape[0]} KV blocks (vLLM split or resized its blocks?)")
-            paths = plan_tree_paths(tree.rows, attn_metadata, kv_cache.shape[2], tree.scratch, self, query.dtype,
-                                    layer.isa)
+            paths = plan_tree_paths(tree.rows, attn_metadata, kv_cache.shape[2], private_blocks(tree, plan_key),
+                                    tree.step, self, query.dtype, layer.isa)
             todo = [r for r in tree.rows if r.req_index in paths.recompute]
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
                 todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
@@ -131,49 +134,76 @@ def tree_segments(parent: list[int]) -> list[list[int]]:
 
 
 @dataclass
+class Mirror:
+    """A scratch block holding a copy of one request's block: positions from the block's start up to `synced`
+    (exclusive) equal the request's, in every layer."""
+    block: int          # the scratch block
+    src: int            # the request's block it copies
+    synced: int         # first position not copied
+    step: int           # the step that last synced it: it is current in step + 1 only
+
+
+@dataclass
+class PrivateBlocks:
+    """The scratch blocks of one KV cache group, across steps: mirrors[(req_id, s)] is the private block of segment
+    s + 1 of that request's tree holding position L + 1; the rest are free (a segment's blocks past L + 1 hold only
+    its own nodes and are taken from the free ones for one step)."""
+    free: list[int]
+    mirrors: dict[tuple[str, int], Mirror] = dataclasses.field(default_factory=dict)
+    step: int = -1      # the step last planned
+
+
+def private_blocks(tree: TreeStep, plan_key) -> PrivateBlocks:
+    """tree.private's entry for this KV cache group (plan_key), new with every scratch block free the first time;
+    groups not planned in the previous step are dropped (a step without trees leaves every mirror stale anyway)."""
+    for key in [k for k, g in tree.private.items() if g.step < tree.step - 1]:
+        del tree.private[key]
+    if plan_key not in tree.private:
+        tree.private[plan_key] = PrivateBlocks(tree.scratch.tolist())
+    return tree.private[plan_key]
+
+
+@dataclass
 class PathPlan:
     """One step's kernel call with tree requests cut into segments (see the module docstring)."""
     metadata: CPUAttentionMetadata | None   # the step's, with each planned tree request replaced by its segments
     #                                         (None: nothing planned)
-    pages: list[tuple[int, int]]    # (request's block, private block): each layer, the private block starts as a
-    #                                 copy of the request's (prefix tokens, the root, nodes on the first segment)
+    pages: list[tuple[int, int]]    # (request's block, mirror): each layer first copies these whole pages
     slot_src: torch.Tensor      # [num_copies] int64: then slot slot_dst[j] takes this step's K/V of slot slot_src[j]
-    slot_dst: torch.Tensor      #   (a path's node at depth d: from L + node to its segment's position L + d)
+    slot_dst: torch.Tensor      #   (a current mirror's slots committed since its last step; a path's node at depth
+    #                             d: from L + node to its segment's position L + d)
     recompute: set[int]         # req_index of the tree requests left to the masked recompute (no scratch left)
     slot_index: tuple | None = None     # kv_layout.slot_copy_index of the slot copies, made at the first layer
 
 
-def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: int, scratch: torch.Tensor,
-                    impl: CPUAttentionBackendImpl, dtype: torch.dtype, isa: str) -> PathPlan:
-    """rows: this step's trees; md: the step's metadata (block_table [num_reqs, max_blocks] int32); scratch: [S] int
-    block ids no request owns.
+def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: int, private: PrivateBlocks,
+                    step: int, impl: CPUAttentionBackendImpl, dtype: torch.dtype, isa: str) -> PathPlan:
+    """rows: this step's trees; md: the step's metadata (block_table [num_reqs, max_blocks] int32); private: this KV
+    cache group's scratch blocks (updated: mirrors taken, synced, released); step: this step's number (consecutive).
 
     Segment s of a request with prefix L, path nodes path[0..D] (path[d] at depth d, path[0] = root): query rows
     start + its nodes, seq_len L + D + 1, block table = the request's with every block holding positions L + 1 ..
-    L + D replaced by a scratch block, unless the path is 0, 1, .., D (the first segment). E.g. block 32, L 45,
-    parents [-1, 0, 1, 2, 1, 0] (preorder; children 0: 1, 5; 1: 2, 4; 2: 3): segment [0, 1, 2, 3] is the request's
-    own rows, seq_len L + 4, and blocks; segment [4] (path 0, 1, 4) has one query row, seq_len L + 3, and reads
-    positions 46..47 from scratch block p, a copy of the request's block 1 (positions 32..63, so L + i at offset
-    13 + i) whose slot p * 32 + 15 then takes the K/V at L + 4 (node 1's, at offset 14, came with the page);
-    segment [5] (path 0, 5), seq_len L + 2, reads position 46 from its scratch block q: slot q * 32 + 14 takes L + 5."""
-    if len(scratch) == 0:
-        return PathPlan(None, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                        {r.req_index for r in rows})
+    L + D replaced by a private one, unless the path is 0, 1, .., D (the first segment). E.g. block 32, L 45,
+    parents [-1, 0, 1, 2, 1, 0] (preorder; children 0: 1, 5; 1: 2, 4; 2: 3), request blocks [7, 3], free scratch
+    [20, 21, 22]: segment [0, 1, 2, 3] is the request's own rows, seq_len L + 4, and blocks; segment [4] (path 0, 1,
+    4) has one query row, seq_len L + 3, and reads positions 46..47 from mirror 22, a page copy of the request's
+    block 3 (positions 32..63, so L + i at offset 13 + i) whose slot 22 * 32 + 15 then takes the K/V at L + 4
+    (node 1's, at offset 14, came with the page); segment [5] (path 0, 5), seq_len L + 2, reads position 46 from
+    mirror 21: slot 21 * 32 + 14 takes L + 5. Next step, with 2 more tokens committed (L 47), both mirrors are
+    current: no page copy, slots 14 and 15 of each take the request's, then the new paths' nodes go to 16 on."""
     qsl, seq_lens, bt = md.query_start_loc.tolist(), md.seq_lens.tolist(), md.block_table
-    by_req, free = {r.req_index: r for r in rows}, scratch.tolist()
-    q_lens, new_seq, new_bt, recompute = [], [], [], set()
-    pages, slot_src, slot_dst = [], [], []
-    for r in range(len(seq_lens)):
-        row = by_req.get(r)
-        if row is not None and (row.start, row.num_nodes) != (qsl[r], qsl[r + 1] - qsl[r]):
+    by_req, mirrors, free = {r.req_index: r for r in rows}, private.mirrors, private.free
+    paths_of = {}
+    for row in rows:
+        r = row.req_index
+        if (row.start, row.num_nodes) != (qsl[r], qsl[r + 1] - qsl[r]):
             raise RuntimeError(f"tree request {row.req_id}: its {row.num_nodes} nodes from row {row.start} are not "
                                f"its scheduled rows {qsl[r]}..{qsl[r + 1] - 1} (vLLM's step layout changed?)")
-        parent = [] if row is None else row.parent.tolist()
-        segments = tree_segments(parent) if parent else []
+        parent = row.parent.tolist()
+        segments = tree_segments(parent)
         if [i for seg in segments for i in seg] != list(range(len(parent))):
             raise RuntimeError(f"tree request {row.req_id}: nodes not in preorder (parents {parent}); "
                                "trees come from tree.compile_tree")
-        L = 0 if row is None else row.prefix_len
         paths = []
         for seg in segments[1:]:
             path, p = [], parent[seg[0]]
@@ -181,30 +211,61 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
                 path.append(p)
                 p = parent[p]
             paths.append(path[::-1] + seg)
-        private = [range((L + 1) // block_size, (L + len(path) - 1) // block_size + 1) for path in paths]
-        if row is None or sum(map(len, private)) > len(free):
+        paths_of[r] = segments, paths
+    wanted = {(by_req[r].req_id, s) for r, (_, paths) in paths_of.items() for s in range(len(paths))}
+    for key in [k for k in mirrors if k not in wanted]:
+        free.append(mirrors.pop(key).block)
+    private.step = step
+    q_lens, new_seq, new_bt, recompute = [], [], [], set()
+    pages, slot_src, slot_dst, one_step, planned = [], [], [], [], False
+    slot = lambda table, pos: int(table[pos // block_size]) * block_size + pos % block_size     # noqa: E731
+    for r in range(len(seq_lens)):
+        row = by_req.get(r)
+        segments, paths = paths_of.get(r, ((), ()))
+        L = 0 if row is None else row.prefix_len
+        b = (L + 1) // block_size                               # the block of L + 1: mirrored
+        extra = [range(b + 1, (L + len(path) - 1) // block_size + 1) for path in paths]    # blocks of nodes only
+        new = sum((row.req_id, s) not in mirrors for s in range(len(paths))) + sum(map(len, extra)) if paths else 0
+        if row is None or new > len(free):
             if row is not None:
                 recompute.add(r)
             q_lens.append(qsl[r + 1] - qsl[r])
             new_seq.append(seq_lens[r])
             new_bt.append(bt[r])
             continue
+        planned = True
         q_lens.append(len(segments[0]))
         new_seq.append(L + len(segments[0]))
         new_bt.append(bt[r])
-        for seg, path, blocks in zip(segments[1:], paths, private):
+        src_block = int(bt[r, b])
+        for s, (seg, path, blocks) in enumerate(zip(segments[1:], paths, extra)):
+            m = mirrors.get((row.req_id, s))
+            if m is None:
+                m = mirrors[(row.req_id, s)] = Mirror(free.pop(), -1, 0, -1)
             table = bt[r].clone()
-            for b in blocks:
-                table[b] = free.pop()
-                pages.append((int(bt[r, b]), int(table[b])))
+            table[b] = m.block
+            paged = False
+            if m.step == step - 1 and m.src == src_block and m.synced <= L + 1:     # current: the slots committed
+                for pos in range(max(m.synced, b * block_size), L + 1):            # since its last step
+                    slot_src.append(slot(bt[r], pos))
+                    slot_dst.append(slot(table, pos))
+            elif (L + 1) % block_size:                          # (nothing to copy when L + 1 starts the block)
+                pages.append((src_block, m.block))
+                paged = True
+            m.src, m.synced, m.step = src_block, L + 1, step
+            for blk in blocks:
+                table[blk] = free.pop()
+                one_step.append(int(table[blk]))
             for d in range(1, len(path)):
-                if path[d] != d:                                # node d of the first segment came with the page
-                    src, dst = L + path[d], L + d
-                    slot_src.append(int(bt[r, src // block_size]) * block_size + src % block_size)
-                    slot_dst.append(int(table[dst // block_size]) * block_size + dst % block_size)
+                if not (paged and path[d] == d and (L + d) // block_size == b):    # else it came with the page
+                    slot_src.append(slot(bt[r], L + path[d]))
+                    slot_dst.append(slot(table, L + d))
             q_lens.append(len(seg))
             new_seq.append(L + len(path))
             new_bt.append(table)
+    free.extend(one_step)
+    if not planned:
+        return PathPlan(None, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), recompute)
     qsl_new = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     seq_new = torch.tensor(new_seq, dtype=torch.int32)
     metadata = dataclasses.replace(            # num_actual_tokens: the scheduled rows (vLLM's may count padding)
@@ -215,7 +276,7 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
             seq_lens=seq_new, dtype=dtype, query_start_loc=qsl_new, causal=True, sliding_window_size=-1, isa=isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV))
     as_long = lambda x: torch.tensor(x, dtype=torch.long)      # noqa: E731
-    return PathPlan(metadata if pages else None, pages, as_long(slot_src), as_long(slot_dst), recompute)
+    return PathPlan(metadata, pages, as_long(slot_src), as_long(slot_dst), recompute)
 
 
 def scratch_block_count(max_leaves: int, max_num_seqs: int, num_blocks: int) -> int:

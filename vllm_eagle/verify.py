@@ -36,10 +36,36 @@ class TreeStep:
     pos_delta: torch.Tensor     # [num_scheduled_tokens] int64: slot offset minus depth of each query row (0 off-tree)
     scratch: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))   # [S] block ids no
     #                             request owns (tree_attention.reserve_scratch_blocks): room for the trees' paths
+    step: int = 0               # the runner's step number (consecutive steps differ by 1)
+    private: dict = field(default_factory=dict)     # tree_attention.PrivateBlocks per KV cache group, kept by the
+    #                             runner across steps
     attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers),
     #                             beyond its kernel
     recomputed_trees: int = 0   # tree requests whose rows were recomputed (no scratch left for their paths)
     plans: dict = field(default_factory=dict)   # tree_attention plans per (block table, block size)
+
+
+_SHAPES: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}    # parents -> (depth [n], ancestors [n, n])
+_MAX_SHAPES = 4096      # dynamic trees make new shapes; a static tree has a few (its kept prefixes)
+
+
+def tree_shapes(parents: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(depth [n] int32, ancestors [n, n] bool) of each parent list, built by the mask kernel in one batch for the
+    shapes not seen before and remembered (the cache is emptied when full). E.g. (-1, 0, 1, 0) -> depth [0, 1, 2,
+    1], ancestors rows [1,0,0,0], [1,1,0,0], [1,1,1,0], [1,0,0,1]."""
+    from kernels import build_tree_masks
+    new = list(dict.fromkeys(p for p in parents if p not in _SHAPES))
+    if new:
+        if len(_SHAPES) + len(new) > _MAX_SHAPES:
+            _SHAPES.clear()
+        N = max(map(len, new))
+        table = torch.full((len(new), N), -1, dtype=torch.int32)
+        for b, p in enumerate(new):
+            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        depth, _, mask = build_tree_masks(table, torch.tensor([len(p) for p in new], dtype=torch.int32))
+        for b, p in enumerate(new):
+            _SHAPES[p] = depth[b, : len(p)].clone(), mask[b, : len(p), : len(p)].clone()
+    return [_SHAPES[p] for p in parents]
 
 
 def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec: dict, trees: dict,
@@ -50,28 +76,23 @@ def build_tree_step(req_ids: list[str], query_start, prefix_lens, scheduled_spec
     scheduled_spec[req_id] = the spec tokens the scheduler kept (a tail-truncated prefix of the drafts, so the first
     n+1 nodes of the tree, still a tree since parent[i] < i). Returns None when no request is a non-chain tree.
     """
-    from kernels import build_tree_masks
     rows = []
     for r, rid in enumerate(req_ids):
         tree, n = trees.get(rid), len(scheduled_spec.get(rid, ()))
         if tree is None or n == 0:
             continue
-        parent = tree.parent[: n + 1]
-        if bool((parent[1:] == torch.arange(n, dtype=parent.dtype)).all()):
+        parent = tuple(tree.parent[: n + 1].tolist())
+        if parent == (-1, *range(n)):
             continue                                        # the kept prefix is a chain: the causal kernel verifies it
-        rows.append((r, rid, parent, torch.as_tensor(scheduled_spec[rid], dtype=torch.int64)))
+        rows.append((r, rid, parent, scheduled_spec[rid]))
     if not rows:
         return None
-    N = max(p.shape[0] for _, _, p, _ in rows)
-    parents = torch.full((len(rows), N), -1, dtype=torch.int32)
-    for b, (_, _, p, _) in enumerate(rows):
-        parents[b, : p.shape[0]] = p
-    depth, _, mask = build_tree_masks(parents, torch.tensor([p.shape[0] for _, _, p, _ in rows], dtype=torch.int32))
     pos_delta = torch.zeros(num_tokens, dtype=torch.int64)
     out = []
-    for b, (r, rid, p, spec) in enumerate(rows):
-        n1, start = p.shape[0], int(query_start[r])
-        pos_delta[start:start + n1] = torch.arange(n1) - depth[b, :n1].long()
-        out.append(TreeRow(req_index=r, req_id=rid, start=start, prefix_len=int(prefix_lens[r]), parent=p,
-                           tokens=torch.cat([spec.new_zeros(1), spec]), ancestors=mask[b, :n1, :n1].clone()))
+    for (r, rid, p, spec), (depth, ancestors) in zip(rows, tree_shapes([p for _, _, p, _ in rows])):
+        n1, start = len(p), int(query_start[r])
+        pos_delta[start:start + n1] = torch.arange(n1) - depth
+        out.append(TreeRow(req_index=r, req_id=rid, start=start, prefix_len=int(prefix_lens[r]),
+                           parent=torch.tensor(p, dtype=torch.int32), tokens=torch.tensor([0, *spec]),
+                           ancestors=ancestors))
     return TreeStep(out, pos_delta)

@@ -29,13 +29,15 @@ class EagleCPUModelRunner(CPUModelRunner):
     _tree_step = None
     _accepted_paths: dict = {}
     _scratch_blocks = torch.zeros(0, dtype=torch.long)
+    _steps = 0                  # steps prepared: tree attention's private blocks stay current only step to step
+    _private_blocks: dict = {}  # TreeStep.private, kept across steps (a new dict per runner, initialize_kv_cache)
 
     def _ours(self) -> bool:
         return isinstance(getattr(self, "drafter", None), EagleProposer)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self._tree_step = None
+        self._tree_step, self._steps = None, self._steps + 1
         if self._ours() and self.drafter.drafted_trees:
             n, t0 = self.input_batch.num_reqs, time.perf_counter()
             self._tree_step = build_tree_step(
@@ -45,6 +47,7 @@ class EagleCPUModelRunner(CPUModelRunner):
             if self._tree_step is not None:                    # slots stay L+i; RoPE positions become L+depth(i)
                 self.positions[: scheduler_output.total_num_scheduled_tokens] -= self._tree_step.pos_delta
                 self._tree_step.scratch = self._scratch_blocks
+                self._tree_step.step, self._tree_step.private = self._steps, self._private_blocks
             self.drafter.stats.mask_s += time.perf_counter() - t0
         return out
 
@@ -95,6 +98,7 @@ class EagleCPUModelRunner(CPUModelRunner):
             num = scratch_block_count(leaves, self.vllm_config.scheduler_config.max_num_seqs,
                                       kv_cache_config.num_blocks)
             kv_cache_config, self._scratch_blocks = reserve_scratch_blocks(kv_cache_config, num)
+            self._private_blocks = {}
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
 
     def load_model(self, *args, **kwargs) -> None:
