@@ -11,7 +11,10 @@ engine.
 Per configuration: tokens/s over all prompts, speedup = median over prompts of (its tokens/s / vanilla's on that
 prompt), tau, step ms and our stages per step (benchmarks.run's columns). Markdown + JSON to benchmarks/results.
 Engines created later ran a few percent faster on 2026-12-07 (two identical vanilla engines differed by 10 %): compare
-shapes over a normal and a --reverse-start run.
+shapes over a normal and a --reverse-start run. Each tree's row also pairs it with the chain prompt by prompt
+(vs_chain: median ratio, prompts won).
+Run as a script, the engines are in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a multiprocess engine core polls
+its worker, and with five engines alive on two cores that halved every rate (vanilla 10-13 tok/s in fp32 vs ~17).
 """
 from __future__ import annotations
 
@@ -92,23 +95,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 2)
                                for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
             row["ms_per_token"] = round(row["step_ms"] / row["tau"], 2)
+        chain = next((x for d, x in zip(cfgs, secs) if d.name.startswith("ours-chain")), None)
+        if c.name.startswith(("ours-tree", "ours-dynamic")) and chain is not None:
+            ratios = [x0 / x for x0, x in zip(chain, s)]
+            row["vs_chain"] = {"median": round(statistics.median(ratios), 3), "won": sum(r > 1 for r in ratios),
+                               "of": len(ratios)}
         rows.append(row)
     for llm in engines:
         llm.llm_engine.engine_core.shutdown()
-    env = environment()
+    env, in_process = environment(), os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
     cmd = "python -m benchmarks.interleaved " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     md = [f"Command: `{cmd}`  ",
           f"Hardware: {env['cpu']}, {env['cores']} cores, no GPU; vLLM {env['vllm']}, torch {env['torch']}, "
           f"Python {env['python']}; commit {env['commit']}; {env['date']}.  ",
           f"MT-Bench first turns, {len(prompts)} prompts x {a.max_tokens} greedy tokens, batch 1, {a.dtype}, every "
-          "engine alive at once, prompt by prompt in rotated order; speedup = median over prompts of the ratio to "
-          "vanilla on the same prompt (quartiles beside it); ours with adaptive=False.", "",
-          "| config | tok/s | speedup (q1-q3) | τ | step ms | ms per token (step / τ) | ours: draft / mask / tree attn "
-          "/ accept / KV commit ms per step |", "|---|---|---|---|---|---|---|"]
+          f"engine alive at once ({'in-process' if in_process else 'multiprocess'}), engines created "
+          f"{'last config first' if a.reverse_start else 'in table order'}, prompt by prompt in rotated order; "
+          "speedup = median over prompts of the ratio to vanilla on the same prompt (quartiles beside it); vs chain = "
+          "the same against ours-chain (prompts won); ours with adaptive=False.", "",
+          "| config | tok/s | speedup (q1-q3) | vs chain (won) | τ | step ms | ms per token (step / τ) | ours: draft / "
+          "mask / tree attn / accept / KV commit ms per step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         st = r.get("stage_ms")
         md.append(f"| {r['config']} | {r['tokens_per_s']} | {r['speedup']:.2f}× ({r['speedup_quartiles'][0]:.2f}-"
-                  f"{r['speedup_quartiles'][2]:.2f}) | {r.get('tau', '–')} | {r['step_ms']} | "
+                  f"{r['speedup_quartiles'][2]:.2f}) | "
+                  + (f"{r['vs_chain']['median']:.3f}× ({r['vs_chain']['won']}/{r['vs_chain']['of']})"
+                     if "vs_chain" in r else "–")
+                  + f" | {r.get('tau', '–')} | {r['step_ms']} | "
                   f"{r.get('ms_per_token', '–')} | " + (" / ".join(f"{v:.1f}" for v in st.values()) if st else "–")
                   + " |")
     os.makedirs(a.out, exist_ok=True)
@@ -122,4 +135,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     main()

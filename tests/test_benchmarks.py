@@ -59,6 +59,8 @@ def test_interleaved_b1_rows_are_well_formed(oracle, tmp_path):
         assert r["tau"] > 2.0                                          # the oracle head is accepted
         assert set(r["stage_ms"]) == {"draft", "mask", "tree_attention", "accept", "kv_commit"}
         assert (r["stage_ms"]["accept"] > 0) == ("tree" in r["config"]), r
+    assert "vs_chain" not in rows[2] and rows[3]["vs_chain"]["of"] == 2 and 0 <= rows[3]["vs_chain"]["won"] <= 2
+    assert rows[3]["vs_chain"]["median"] > 0
 
 
 def test_kernel_microbenchmarks_run_on_the_shared_references():
