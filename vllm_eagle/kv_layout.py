@@ -167,5 +167,6 @@ def copy_kv_slots(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: to
 def slot_copy_index(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
                     isa: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(destination, source) element indices of copy_kv_slots, flat: the same for every cache of kv_cache's shape,
-    strides, dtype and isa."""
-    return slot_elements(kv_cache, dst_slots, isa).flatten(), slot_elements(kv_cache, src_slots, isa).flatten()
+    strides, dtype and isa. (One slot_elements call for both: its cost is per call, not per slot.)"""
+    both = slot_elements(kv_cache, torch.cat([dst_slots, src_slots]), isa).view(2, -1)
+    return both[0], both[1]
