@@ -143,6 +143,7 @@ def tree_attention_rows(reps: int) -> list[dict]:
         for route, blocks in (("paths", torch.arange(R * nb, R * nb + scratch)), ("recompute", torch.arange(0))):
             step.scratch, meta.tree = blocks, step
             step.plans.clear()
+            step.private = {}                           # no mirrors left from the other route
             rows.append({"kernel": "tree attention layer", "reference_us": stock,
                          "shape": f"bf16 vec, {R} x (L={L} + {n - 1} nodes), {route}",
                          "wrapper_us": timed(lambda: impls[1].forward(layer, q, k, k, kv, meta, out), reps)})

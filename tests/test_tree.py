@@ -86,7 +86,7 @@ def test_two_tree_requests_in_one_step():
                                    torch.tensor([7, 0, 20, 3]), spec, trees, num_tokens=16) for _ in range(2))
     assert set(verify._SHAPES) == {(-1, 0, 1, 0), (-1, 0, 0, 2)}
     assert torch.equal(again.pos_delta, step.pos_delta)
-    assert all(torch.equal(x.ancestors, y.ancestors) for x, y in zip(step.rows, again.rows))
+    assert all(x.ancestors is y.ancestors for x, y in zip(step.rows, again.rows))     # remembered, not rebuilt
     a, d = step.rows
     assert (a.req_index, a.req_id, a.start, a.prefix_len) == (0, "a", 0, 7)
     assert (d.req_index, d.req_id, d.start, d.prefix_len) == (3, "d", 12, 3)
@@ -98,6 +98,20 @@ def test_two_tree_requests_in_one_step():
     # d's nodes 2 (depth 1) and 3 (depth 2) are 1 below theirs
     assert step.pos_delta.tolist() == [0, 0, 0, 2] + [0] * 5 + [0] * 3 + [0, 0, 1, 1]
     assert build_tree_step(["c"], torch.tensor([0, 3]), torch.tensor([20]), {"c": [21, 22]}, trees, 3) is None
+
+
+def test_tree_shapes_survive_the_cache_filling_up(monkeypatch):
+    """A full cache is emptied, and the call that fills it still returns every shape it asked for, old and new."""
+    from kernels.reference import build_tree_masks
+    monkeypatch.setattr(verify, "_SHAPES", {})
+    monkeypatch.setattr(verify, "_MAX_SHAPES", 2)
+    verify.tree_shapes([(-1, 0, 1, 0), (-1, 0)])
+    got = verify.tree_shapes([(-1, 0, 1, 0), (-1, 0, 0)])                  # 2 cached + 1 new > 2: emptied first
+    assert set(verify._SHAPES) == {(-1, 0, 1, 0), (-1, 0, 0)}
+    for p, (depth, ancestors) in zip([(-1, 0, 1, 0), (-1, 0, 0)], got):
+        want_depth, _, want_mask = build_tree_masks(torch.tensor([p], dtype=torch.int32),
+                                                    torch.tensor([len(p)], dtype=torch.int32))
+        assert torch.equal(depth, want_depth[0]) and torch.equal(ancestors, want_mask[0])
 
 
 def test_accept_on_the_two_tree_step():

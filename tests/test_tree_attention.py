@@ -189,7 +189,7 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
 @pytest.mark.parametrize("dtype, isa", CASES)
 def test_depth_1_trees(dtype, isa, monkeypatch):
     """Top-3 children of the root: segments [0, 1] (the request's own blocks), [2], [3] (a private block each); one
-    tree ends its block (L = 31: its private blocks copy the request's next, empty one)."""
+    tree ends its block (L = 31: L + 1 starts the next block, so its private blocks need no page copy)."""
     star = compile_tree("[(0,), (1,), (2,)]")
     got, kernel, want, step = _tree_case([(45, star), (31, star)], dtype, isa, 8, monkeypatch)
     (paths, _), = step.plans.values()
@@ -236,9 +236,11 @@ def test_tree_paths_plan_is_the_worked_example(monkeypatch):
     # mirror 22: offsets 14, 15 (L 47 is offset 15) committed, then path 0, 1, 4 at 16, 17; mirror 21: 14, 15, 16
     assert nxt.slot_src.tolist() == [3 * 32 + o for o in (14, 15, 16, 19, 14, 15, 20)]
     assert nxt.slot_dst.tolist() == [22 * 32 + o for o in (14, 15, 16, 17)] + [21 * 32 + o for o in (14, 15, 16)]
-    again = plan_tree_paths([row], md, BLOCK, private, 4, impl, torch.float32, "vec")      # a step went by
+    same = plan_tree_paths([row], md, BLOCK, private, 3, impl, torch.float32, "vec")   # L did not grow: the root
+    assert same.pages == [(3, 22), (3, 21)]                                             # at L is new, copy pages
+    again = plan_tree_paths([row], md, BLOCK, private, 5, impl, torch.float32, "vec")      # a step went by
     assert again.pages == [(3, 22), (3, 21)]
-    plan_tree_paths([], md, BLOCK, private, 5, impl, torch.float32, "vec")     # no tree: mirrors released
+    plan_tree_paths([], md, BLOCK, private, 6, impl, torch.float32, "vec")     # no tree: mirrors released
     assert sorted(private.free) == [20, 21, 22] and private.mirrors == {}
     short = plan_tree_paths([row], md, BLOCK, PrivateBlocks([20]), 1, impl, torch.float32, "vec")
     assert short.recompute == {1} and short.metadata is None and short.pages == []

@@ -13,7 +13,8 @@ verify.py), so the kernel can verify a tree exactly if each root-to-leaf path is
   the request's tokens before L + 1 in that block: it is a *mirror* of the request's block, kept by (request,
   segment ordinal) across consecutive tree steps (PrivateBlocks), so a step copies only the slots committed since
   the last (about τ of them) instead of a whole page (196 KB per layer for SmolLM2 in fp32). Per layer: a page copy
-  per new mirror, one slot copy (those committed slots and the path's nodes), then one kernel call over all rows.
+  per mirror that is not current (new, not synced in the previous step, or its block changed; none when L + 1 starts
+  a block), one slot copy (the committed slots and the path's nodes), then one kernel call over all rows.
   No attention arithmetic of ours.
 What the layers share (segments, copies, pages, masks) is planned once per step. Chains and other requests keep the
 kernel's output untouched.
@@ -139,8 +140,8 @@ class Mirror:
     (exclusive) equal the request's, in every layer."""
     block: int          # the scratch block
     src: int            # the request's block it copies
-    synced: int         # first position not copied
-    step: int           # the step that last synced it: it is current in step + 1 only
+    synced: int         # first position not copied (L + 1 of the step that synced it)
+    step: int           # the step that last synced it: it is current in step + 1 only, if L grew
 
 
 @dataclass
@@ -245,8 +246,8 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
             table = bt[r].clone()
             table[b] = m.block
             paged = False
-            if m.step == step - 1 and m.src == src_block and m.synced <= L + 1:     # current: the slots committed
-                for pos in range(max(m.synced, b * block_size), L + 1):            # since its last step
+            if m.step == step - 1 and m.src == src_block and m.synced <= L:     # current (L grew: the root at L
+                for pos in range(max(m.synced, b * block_size), L + 1):        # is new): the slots committed since
                     slot_src.append(slot(bt[r], pos))
                     slot_dst.append(slot(table, pos))
             elif (L + 1) % block_size:                          # (nothing to copy when L + 1 starts the block)

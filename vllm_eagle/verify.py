@@ -37,12 +37,12 @@ class TreeStep:
     scratch: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))   # [S] block ids no
     #                             request owns (tree_attention.reserve_scratch_blocks): room for the trees' paths
     step: int = 0               # the runner's step number (consecutive steps differ by 1)
-    private: dict = field(default_factory=dict)     # tree_attention.PrivateBlocks per KV cache group, kept by the
-    #                             runner across steps
+    private: dict = field(default_factory=dict)     # tree_attention.PrivateBlocks per plan key (KV cache group
+    #                             and heads), kept by the runner across steps
     attention_s: float = 0.0    # wall time the attention backend spent on this step's tree rows (all layers),
     #                             beyond its kernel
     recomputed_trees: int = 0   # tree requests whose rows were recomputed (no scratch left for their paths)
-    plans: dict = field(default_factory=dict)   # tree_attention plans per (block table, block size)
+    plans: dict = field(default_factory=dict)   # tree_attention plans per plan key (block table, block size, heads)
 
 
 _SHAPES: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}    # parents -> (depth [n], ancestors [n, n])
@@ -58,6 +58,7 @@ def tree_shapes(parents: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, torc
     if new:
         if len(_SHAPES) + len(new) > _MAX_SHAPES:
             _SHAPES.clear()
+            new = list(dict.fromkeys(parents))              # this call's cached shapes went with the rest
         N = max(map(len, new))
         table = torch.full((len(new), N), -1, dtype=torch.int32)
         for b, p in enumerate(new):
