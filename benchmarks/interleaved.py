@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             assert n == a.max_tokens, (cfgs[j].name, n)
         print(f"[interleaved] prompt {i + 1}/{len(prompts)}: "
               + ", ".join(f"{c.name} {a.max_tokens / s[i]:.1f}" for c, s in zip(cfgs, secs)), flush=True)
-    rows = []
+    rows, chain = [], next((x for d, x in zip(cfgs, secs) if d.name.startswith("ours-chain")), None)
     for c, llm, s in zip(cfgs, engines, secs):
         row = {"config": c.name, "tokens_per_s": round(a.max_tokens * len(prompts) / sum(s), 2),
                "speedup": round(statistics.median(s0 / x for s0, x in zip(secs[0], s)), 3),
@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["stage_ms"] = {k: round(1000 * st[f"{k}_s"] / max(1, st["steps"]), 2)
                                for k in ("draft", "mask", "tree_attention", "accept", "kv_commit")}
             row["ms_per_token"] = round(row["step_ms"] / row["tau"], 2)
-        chain = next((x for d, x in zip(cfgs, secs) if d.name.startswith("ours-chain")), None)
         if c.name.startswith(("ours-tree", "ours-dynamic")) and chain is not None:
             ratios = [x0 / x for x0, x in zip(chain, s)]
             row["vs_chain"] = {"median": round(statistics.median(ratios), 3), "won": sum(r > 1 for r in ratios),

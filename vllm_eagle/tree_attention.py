@@ -226,7 +226,7 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
         L = 0 if row is None else row.prefix_len
         b = (L + 1) // block_size                               # the block of L + 1: mirrored
         extra = [range(b + 1, (L + len(path) - 1) // block_size + 1) for path in paths]    # blocks of nodes only
-        new = sum((row.req_id, s) not in mirrors for s in range(len(paths))) + sum(map(len, extra)) if paths else 0
+        new = sum((row.req_id, s) not in mirrors for s in range(len(paths))) + sum(map(len, extra))   # blocks to take
         if row is None or new > len(free):
             if row is not None:
                 recompute.add(r)
