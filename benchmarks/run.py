@@ -1,4 +1,4 @@
-"""One command, side by side: vanilla vLLM, vLLM native `method: eagle` (same head), vLLM ngram, and ours.
+"""One command, side by side: vanilla vLLM, vLLM native `method: eagle`/`eagle3` (same head), vLLM ngram, and ours.
 
     python -m benchmarks.run [--quick] [--batch-sizes 1 8] [--workloads mtbench humaneval sharegpt] ...
 
@@ -69,6 +69,12 @@ class Config:
 DEFAULT_TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]"
 
 
+def native_method(head: str) -> str:
+    """vLLM's own method for the same head folder: eagle3 for an EAGLE-3 head, else eagle."""
+    from vllm_eagle.draft_head import HeadConfig
+    return "eagle3" if HeadConfig.from_dir(head).eagle3 else "eagle"
+
+
 def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
             dynamic: list[tuple[int, int, int]] = (), fixed: bool = False, lookups: list[int] = (),
             confidences: list[float] = ()) -> list[Config]:
@@ -81,8 +87,9 @@ def configs(head: str, ks: list[int], which: list[str], trees: list[str] = (),
             out.append(Config(f"ngram-k{k}", {"speculative_config": {"method": "ngram", "num_speculative_tokens": k,
                                                                      "prompt_lookup_max": 4, "prompt_lookup_min": 2}}, k))
         if "native" in which:
-            out.append(Config(f"native-eagle-k{k}", {"speculative_config": {"method": "eagle", "model": head,
-                                                                            "num_speculative_tokens": k}}, k))
+            method = native_method(head)
+            out.append(Config(f"native-{method}-k{k}", {"speculative_config": {"method": method, "model": head,
+                                                                              "num_speculative_tokens": k}}, k))
         if "ours" in which:
             out.append(Config(f"ours-chain-k{k}", vllm_eagle.speculative_kwargs(head, num_speculative_tokens=k), k, k))
         if "lookup" in which:       # ours with prompt lookup: rows whose context repeats draft without the head
@@ -123,12 +130,11 @@ def workloads(tokenizer, names: list[str], n: int) -> dict[str, list[str]]:
     if "humaneval" in names:
         out["humaneval"] = [p["prompt"] for p in humaneval_problems()][:n]
     if "sharegpt" in names:
-        from vllm_eagle.train.data import parse_sharegpt
+        from vllm_eagle.train.data import HOLDOUT_START, parse_sharegpt
         with open(sharegpt_path(), encoding="utf-8") as f:
             recs = parse_sharegpt(f.read())         # 11,128 usable conversations, parsed in ~2 s
-        # Held out from head training, which takes conversations from the front (the shipped head: the first 10,500):
-        # the last conversations of the file, short prompts only.
-        picked = [r["prompt"] for r in reversed(recs[10500:]) if len(r["prompt"]) < 1500][:n]
+        # Held out from head training (conversations before HOLDOUT_START): the last ones, short prompts only.
+        picked = [r["prompt"] for r in reversed(recs[HOLDOUT_START:]) if len(r["prompt"]) < 1500][:n]
         out["sharegpt"] = chat_prompts(tokenizer, picked)
     return out
 
@@ -232,8 +238,9 @@ def serve_rows(target: str, head: str, k: int, concurrencies: list[int], prompts
     from .serving import Server, load, spec_metrics
     common = ("--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
               "--no-enable-prefix-caching")
-    cfgs = {"vanilla": (), f"native-eagle-k{k}": ("--speculative-config", json.dumps(
-                {"method": "eagle", "model": head, "num_speculative_tokens": k})),
+    method = native_method(head)
+    cfgs = {"vanilla": (), f"native-{method}-k{k}": ("--speculative-config", json.dumps(
+                {"method": method, "model": head, "num_speculative_tokens": k})),
             f"ours-chain-k{k}": ("--speculative-model", head, "--num-speculative-tokens", str(k))}
     rows = []
     for name, extra in cfgs.items():
@@ -273,9 +280,12 @@ def environment() -> dict:
                                     text=True, cwd=os.path.dirname(__file__)).stdout.strip())
     except OSError:
         commit, dirty = "unknown", False
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    info = open("/proc/cpuinfo").read().splitlines()
+    cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "?")
+    flags = set(next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), []))
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit + ("-dirty" if dirty else ""),
-            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "vllm": vllm.__version__,
+            "cpu": cpu, "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "cores": os.cpu_count(), "python": platform.python_version(), "vllm": vllm.__version__,
             "torch": torch.__version__, "threads": {k: os.environ.get(k) for k in
                                                    ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
                                                     "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}}

@@ -83,3 +83,42 @@ def make_oracle_pair(target: str, out_root: str) -> tuple[str, str]:
             head.down_proj.weight.zero_()
         export(head, tc, hid, "oracle test head\n")
     return tid, hid
+
+
+def make_eagle3_head(target: str, out: str, layers: tuple[int, ...], oracle: bool = False, draft_vocab: int = 0,
+                     seed: int = 1) -> str:
+    """An EAGLE-3 head for `target` fusing `layers`, in vLLM's layout. Random weights, or (oracle=True, for a
+    target-id of make_oracle_pair) a head that drafts that target's next token exactly: its attention is one-hot on
+    the entry itself (q = k = c * input_layernorm(embedding), one KV head per query head), v carries the embedding,
+    the residual is hidden_norm(feature) = 0 (hidden_norm weight 0, norm_before_residual), the MLP adds nothing,
+    and its own lm_head is the target's, so it scores norm(embedding) as the identity target does.
+    draft_vocab=D > 0: a random head over the first D token ids plus d2t (random heads only)."""
+    from safetensors.torch import load_file
+    from vllm_eagle.draft_head import Eagle3Head, HeadConfig
+    from vllm_eagle.train.train_head import export
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    with open(os.path.join(target, "config.json")) as f:
+        tc = json.load(f)
+    base = HeadConfig.from_hf_dict(tc)
+    H = base.hidden_size
+    cfg = HeadConfig(**{**base.__dict__, "num_kv_heads": base.num_heads if oracle else base.num_kv_heads,
+                        "eagle3": True, "draft_vocab_size": draft_vocab or base.vocab_size, "target_hidden_size": H,
+                        "aux_layers": tuple(layers), "norm_before_residual": oracle})
+    torch.manual_seed(seed)
+    head = Eagle3Head(cfg)
+    with torch.no_grad():
+        if draft_vocab:                    # draft id i -> target id 2 i (an offset table that is not all zeros)
+            head.d2t.copy_(torch.arange(draft_vocab))
+        if oracle:
+            lm = load_file(os.path.join(target, "model.safetensors"))["lm_head.weight"]
+            eye = torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1)           # reads input_layernorm(embedding)
+            head.q_proj.weight.copy_(10 * eye)
+            head.k_proj.weight.copy_(10 * eye)
+            head.v_proj.weight.copy_(eye)
+            head.o_proj.weight.copy_(torch.eye(H))
+            head.down_proj.weight.zero_()
+            head.hidden_norm.zero_()
+            head.lm_head.weight.copy_(lm)
+    export(head, tc, out, "EAGLE-3 test head\n")
+    return out

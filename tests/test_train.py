@@ -80,7 +80,7 @@ def test_rollout_matches_step_by_step_recompute():
     feats, emb_next = torch.randn(B, T, 32), torch.randn(B, T, 32)
     lengths = torch.tensor([11, 8])
     with torch.no_grad():
-        outs = rollout(head, emb_next, feats, lengths, steps)
+        outs = rollout(head, emb_next, feats, steps)
         for b in range(B):
             for p in range(int(lengths[b]) - steps):
                 ent_f, ent_e = list(feats[b, : p + 1]), list(emb_next[b, : p + 1])

@@ -26,7 +26,7 @@ def generate(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="vllm-eagle generate",
                                 description="Generate with EAGLE speculation and report tokens/s and tau.")
     p.add_argument("--target", help="HF model folder (default: SmolLM2-135M-Instruct, prepared on first use)")
-    p.add_argument("--head", help="EAGLE-1 head folder (default: the head shipped for SmolLM2)")
+    p.add_argument("--head", help="EAGLE-1 or EAGLE-3 head folder (default: the head shipped for SmolLM2)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=None,
                    help="draft tokens per step (chain default 2; dynamic trees: total_tokens, default 8)")
     p.add_argument("--tree", default="chain", help="chain, path tuples \"[(0,), (1,), (0, 0)]\", or dynamic")
@@ -81,9 +81,10 @@ def generate(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmds = {"generate": generate, "train": lambda rest: __import__("vllm_eagle.train.train_head", fromlist=["main"]).main(rest),
+            "corpus": lambda rest: __import__("vllm_eagle.train.corpus", fromlist=["main"]).main(rest),
             "bench": lambda rest: __import__("benchmarks.run", fromlist=["main"]).main(rest)}
     if not argv or argv[0] not in cmds:
-        print("usage: vllm-eagle {generate,train,bench} [options]  (see vllm-eagle CMD --help)")
+        print("usage: vllm-eagle {generate,train,corpus,bench} [options]  (see vllm-eagle CMD --help)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     cmds[argv[0]](argv[1:])
 

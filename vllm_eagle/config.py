@@ -26,14 +26,16 @@ class EagleOptionError(ValueError):
 
 @dataclass(frozen=True)
 class EagleOptions:
-    head: str                                     # EAGLE-1 head folder (official layout)
+    head: str                                     # EAGLE-1 or EAGLE-3 head folder (official layouts)
     num_speculative_tokens: int                   # K: draft tokens per step (chain length)
     tree: str = "chain"                           # draft shape: "chain", Medusa-style path tuples (see tree.py)
                                                   # or "dynamic" (EAGLE-2; K = total_tokens, the tree's draft nodes)
     depth: int = DYNAMIC_DEFAULTS["depth"]        # dynamic trees: draft forwards per step
     top_k: int = DYNAMIC_DEFAULTS["top_k"]        # dynamic trees: children per expanded node, nodes expanded per depth
-    feature_layers: tuple[int, ...] = field(default=())   # extra target layers to capture (EAGLE-3 style); () = none
-    draft_vocab: bool = True                      # draft over the head's draft_vocab.json if it has one (faster)
+    feature_layers: tuple[int, ...] = field(default=())   # target layers to capture; an EAGLE-3 head's own
+                                                  # (its config, else vLLM's default) when () = unset
+    draft_vocab: bool = True                      # EAGLE-1: draft over the head's draft_vocab.json if it has one
+                                                  # (faster); an EAGLE-3 head always drafts over its own (d2t)
     adaptive: bool = True                         # per step, speculate only where it measured faster (adapt.py)
     lookup: int = 0                               # chains: prompt-lookup draft length, 0 = off. A row whose context
                                                   # repeats its tail drafts the `lookup` tokens that followed it there

@@ -43,7 +43,12 @@ def commit_entries(head: EagleHead, kv: DraftKVCache, fb: FeatureBatch,
             row_offsets[s:e] = fb.tree_paths[r]
     feat_rows = np.repeat(fb.query_start[rows], counts) + row_offsets
     next_tokens = fb.token_ids[np.repeat(rows, counts), positions + 1]
-    x = head.project(embed(torch.from_numpy(next_tokens.astype(np.int64))), fb.features[torch.from_numpy(feat_rows)])
+    source = fb.aux_features if head.eagle3 else fb.features        # EAGLE-3 fuses the captured layers
+    if source is None:
+        raise RuntimeError("an EAGLE-3 head needs the target's captured layers (aux_features): the worker did not "
+                           "turn on capture; start the engine through vllm_eagle.speculative_kwargs")
+    x = head.project(embed(torch.from_numpy(next_tokens.astype(np.int64))),
+                     head.fuse(source[torch.from_numpy(feat_rows)]))
     _, k, v = head.qkv(x, torch.from_numpy(positions))
     last = np.full(len(fb.req_ids), -1, dtype=np.int64)
     for r, s, e in zip(rows, ends - counts, ends):

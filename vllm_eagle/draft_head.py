@@ -1,15 +1,22 @@
-"""EAGLE-1 draft head: fc([embed(token); feature]) -> one Llama decoder layer (no input norm) -> shared LM head.
+"""EAGLE draft heads: one Llama decoder layer that drafts the target's next tokens from the target's features.
 
 Vocabulary used across vllm_eagle:
-  feature   f_p: the target's hidden state at position p after its final RMSNorm (the LM-head input).
-  entry     the head's input pair (f_p, token_{p+1}), run at RoPE position p; it predicts f_{p+1} and token_{p+2}.
+  feature   f_p: what the target hands the head for position p. EAGLE-1: its hidden state after the final RMSNorm
+            (the LM-head input). EAGLE-3: its residual stream before three layers (low, mid, high), concatenated
+            [3 * H_target]; the head's `fc` fuses them (`fuse`).
+  entry     the head's input pair (f_p, token_{p+1}), run at RoPE position p; it predicts g_p (the head's output,
+            fed back as the next entry's feature) and with it token_{p+2}.
   committed a position whose token the target has verified; its entry is built from a true target feature.
-  draft     a token proposed by the head; its entry is built from the head's own predicted feature.
+  draft     a token proposed by the head; its entry is built from the head's own output.
 
-The checkpoint layout is the official EAGLE-1 one as vLLM 0.32 loads it (`EagleLlamaForCausalLM`): a 1-layer Llama
-`config.json`, keys `fc.weight [H, 2H]` (no bias), `layers.0.self_attn.{q,k,v,o}_proj.weight`,
-`layers.0.mlp.{gate,up,down}_proj.weight`, `layers.0.post_attention_layernorm.weight`. Embedding and LM head are the
-target's (frozen, shared), so one folder runs in this package and in vLLM's native `method: eagle`.
+Two layouts, both as vLLM 0.32 loads them, so one folder runs here and in vLLM's native speculation:
+- EAGLE-1 (`EagleLlamaForCausalLM`, `method: eagle`): a 1-layer Llama config; `fc.weight [H, 2H]` on
+  [embed; feature] (an official SafeAILab folder also has `fc.bias`, which this package runs and vLLM cannot), layer 0
+  without input norm, no final norm; drafts through the target's LM head.
+- EAGLE-3 (`LlamaForCausalLMEagle3` / `Eagle3LlamaForCausalLM`, `method: eagle3`): `fc.weight [H, 3 H_target]`;
+  q/k/v read [input_layernorm(embed); hidden_norm(fused feature)] (2H); its own final `norm` and `lm_head
+  [draft_vocab, H]`; `d2t[i]` = target id of draft id i minus i. Names `layers.0.*` (vLLM) or `midlayer.*` (SafeAILab).
+The embedding is the target's unless the folder brings its own `embed_tokens.weight`.
 """
 from __future__ import annotations
 
@@ -23,13 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_KEYS = (
-    "fc.weight",
-    "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
-    "layers.0.self_attn.v_proj.weight", "layers.0.self_attn.o_proj.weight",
-    "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight",
-    "layers.0.post_attention_layernorm.weight",
-)
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
 
 class HeadConfigError(ValueError):
@@ -46,35 +47,73 @@ class HeadConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
+    eagle3: bool = False                  # the EAGLE-3 layout (fused features, own norm and LM head)
+    draft_vocab_size: int = 0             # EAGLE-3: rows of its lm_head (= vocab_size when it has no d2t)
+    target_hidden_size: int = 0           # EAGLE-3: hidden size of the fused target layers
+    aux_layers: tuple[int, ...] = ()      # EAGLE-3: target layers whose input it fuses; () = vLLM's default
+    norm_before_residual: bool = False    # EAGLE-3: the residual is hidden_norm(fused) instead of fused
 
     @classmethod
     def from_hf_dict(cls, c: dict) -> "HeadConfig":
-        rope = c.get("rope_parameters") or {}
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise HeadConfigError(f"rope_type {rope['rope_type']!r} is not supported by the EAGLE head (only default RoPE)")
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise HeadConfigError(f"rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported by the "
+                                  "EAGLE head (only default RoPE)")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in c]
         if missing:
-            raise HeadConfigError(f"head config.json lacks {missing}: an EAGLE-1 head config is a 1-layer Llama config "
+            raise HeadConfigError(f"head config.json lacks {missing}: an EAGLE head config is a 1-layer Llama config "
                                   "(re-export it with `vllm-eagle train`)")
+        eagle3 = any(a in EAGLE3_ARCHITECTURES for a in c.get("architectures") or ())
+        extra = {}
+        if eagle3:
+            ec = c.get("eagle_config") or {}
+            unsupported = [k for k, bad in (("norm_before_fc", ec.get("norm_before_fc", c.get("norm_before_fc"))),
+                                            ("fc_norm", c.get("fc_norm")), ("norm_output", c.get("norm_output")),
+                                            ("attention_bias", c.get("attention_bias")),
+                                            ("parallel_drafting", c.get("parallel_drafting")))
+                           if bad]
+            if ec.get("use_aux_hidden_state") is False:
+                unsupported.append("eagle_config.use_aux_hidden_state=false")
+            if unsupported:
+                raise HeadConfigError(f"EAGLE-3 head config sets {unsupported}: vllm_eagle runs the EAGLE-3 layout "
+                                      "without these variants; use vLLM's native `method: eagle3` for this head")
+            layers = c.get("eagle_aux_hidden_state_layer_ids") or ec.get("eagle_aux_hidden_state_layer_ids") or ()
+            extra = dict(eagle3=True, draft_vocab_size=c.get("draft_vocab_size") or c["vocab_size"],
+                         target_hidden_size=c.get("target_hidden_size") or c["hidden_size"],
+                         aux_layers=tuple(int(i) for i in layers),
+                         norm_before_residual=bool(c.get("norm_before_residual", False)))
         return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
                    num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-                   vocab_size=c["vocab_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta))
+                   vocab_size=c["vocab_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                   **extra)
 
     @classmethod
     def from_dir(cls, path: str) -> "HeadConfig":
         return cls.from_hf_dict(read_config(path))
 
+    def feature_layers(self, target_num_layers: int) -> tuple[int, ...]:
+        """EAGLE-3: the target layers whose input (residual stream) the head fuses; () for EAGLE-1.
+        vLLM's default for a head that names none: (2, L // 2, L - 3)."""
+        if not self.eagle3:
+            return ()
+        return self.aux_layers or (2, target_num_layers // 2, target_num_layers - 3)
+
     def to_hf_dict(self, target: dict) -> dict:
-        """A 1-layer Llama config in the EAGLE-1 layout, copying token ids and RoPE from the target config."""
+        """A 1-layer Llama config in this layout, copying token ids and RoPE from the target config."""
         keep = {k: target[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings", "hidden_act",
                                        "rope_parameters", "rope_theta") if k in target}
-        return dict(keep, architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
-                    hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                    head_dim=self.head_dim, vocab_size=self.vocab_size, rms_norm_eps=self.rms_norm_eps,
-                    tie_word_embeddings=False, torch_dtype="bfloat16")
+        out = dict(keep, architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
+                   hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                   num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                   head_dim=self.head_dim, vocab_size=self.vocab_size, rms_norm_eps=self.rms_norm_eps,
+                   tie_word_embeddings=False, torch_dtype="bfloat16")
+        if self.eagle3:
+            out.update(architectures=[EAGLE3_ARCHITECTURES[0]], draft_vocab_size=self.draft_vocab_size,
+                       target_hidden_size=self.target_hidden_size, norm_before_residual=self.norm_before_residual,
+                       eagle_aux_hidden_state_layer_ids=list(self.feature_layers(target["num_hidden_layers"])))
+        return out
 
 
 def read_config(path: str) -> dict:
@@ -117,7 +156,21 @@ def check_head_matches_target(head: dict, target: dict, head_path: str = "head")
     if h.num_heads * h.head_dim <= 0 or h.num_heads % h.num_kv_heads:
         problems.append(f"attention heads: {h.num_heads} query heads not a multiple of {h.num_kv_heads} KV heads")
     if head.get("num_hidden_layers", 1) != 1:
-        problems.append(f"num_hidden_layers: {head.get('num_hidden_layers')} (EAGLE-1 heads have exactly 1)")
+        problems.append(f"num_hidden_layers: {head.get('num_hidden_layers')} (EAGLE heads have exactly 1)")
+    if h.eagle3:
+        L = t.get("num_hidden_layers", 0)
+        if h.target_hidden_size != tc.hidden_size:
+            problems.append(f"target_hidden_size: head {h.target_hidden_size} vs target {tc.hidden_size}")
+        layers = h.feature_layers(L)
+        bad = [i for i in layers if not 0 <= i < L]
+        if bad:
+            problems.append(f"eagle_aux_hidden_state_layer_ids {list(layers)}: {bad} outside the target's layers "
+                            f"0..{L - 1}")
+        if len(set(layers)) != len(layers):
+            problems.append(f"eagle_aux_hidden_state_layer_ids {list(layers)} repeats a layer (vLLM captures each "
+                            "layer once): set three distinct layers in the head's config.json")
+        if h.draft_vocab_size > tc.vocab_size:
+            problems.append(f"draft_vocab_size: {h.draft_vocab_size} > the target's vocabulary {tc.vocab_size}")
     dv = load_draft_vocab(head_path) if os.path.isdir(head_path) else None
     if dv is not None and (int(dv.max()) >= tc.vocab_size or int(dv.min()) < 0):
         problems.append(f"{DRAFT_VOCAB_FILE} has token ids outside the target vocabulary [0, {tc.vocab_size})")
@@ -155,74 +208,90 @@ def torch_linear(weight: torch.Tensor) -> Linear:
 
 
 class EagleHead(nn.Module):
-    """The trainable part of an EAGLE-1 head. Embedding and LM head are passed in (the target's, frozen).
+    """The trainable part of an EAGLE head (`load_head` builds the one a folder holds).
 
-    Training calls the nn.Linear layers. Inference calls `pack` once: q|k|v and gate|up become one GEMM each and
-    every GEMM is built by the engine's GEMM factory (see `pack`).
+    The draft stage sees four calls, the same for both layouts:
+      fuse(f)          target features [T, F] -> head features [T, H]   (EAGLE-3: fc over the fused layers)
+      project(e, h)    embeddings, head features [T, H] -> entries x [T, E]
+      qkv(x, pos)      -> q [T, nh, hd], k, v [T, nkv, hd], RoPE applied
+      finish(x, attn)  -> g [T, H]: the head's output, fed back as the next entry's head feature
+    and `logits_input(g)` is what the draft LM head multiplies. Training calls the nn.Linear layers; inference calls
+    `pack` once: q|k|v and gate|up become one GEMM each, built by the engine's GEMM factory.
+
+    EAGLE-1: x = fc([e; h]) (E = H); the layer has no input norm and no final norm; the draft LM head is the
+    target's.
     """
 
     packed: dict[str, Linear] | None = None
+    eagle3 = False
 
-    def __init__(self, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig, fc_bias: bool = False):
         super().__init__()
         self.cfg = cfg
         H, nh, nkv, hd, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        self.fc = nn.Linear(2 * H, H, bias=False)
-        self.q_proj = nn.Linear(H, nh * hd, bias=False)
-        self.k_proj = nn.Linear(H, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(H, nkv * hd, bias=False)
+        self.fc = nn.Linear(self.fc_inputs(cfg), H, bias=fc_bias)
+        self.q_proj = nn.Linear(self.attn_inputs(cfg), nh * hd, bias=False)
+        self.k_proj = nn.Linear(self.attn_inputs(cfg), nkv * hd, bias=False)
+        self.v_proj = nn.Linear(self.attn_inputs(cfg), nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, H, bias=False)
         self.gate_proj = nn.Linear(H, I, bias=False)
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
         self.post_attention_layernorm = nn.Parameter(torch.ones(H))
+        self.embed_tokens: torch.Tensor | None = None     # [V, H] the folder's own embedding, if it has one
 
-    # checkpoint key <-> attribute
-    _KEYMAP = {"fc.weight": "fc.weight",
-               **{f"layers.0.self_attn.{p}.weight": f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-               **{f"layers.0.mlp.{p}.weight": f"{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")},
-               "layers.0.post_attention_layernorm.weight": "post_attention_layernorm"}
+    @staticmethod
+    def fc_inputs(cfg: HeadConfig) -> int:
+        return 2 * cfg.hidden_size
+
+    @staticmethod
+    def attn_inputs(cfg: HeadConfig) -> int:
+        return cfg.hidden_size
+
+    # checkpoint key (after `normalise_keys`) -> attribute
+    _LAYER_KEYS = {**{f"layers.0.self_attn.{p}.weight": f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                   **{f"layers.0.mlp.{p}.weight": f"{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")},
+                   "layers.0.post_attention_layernorm.weight": "post_attention_layernorm"}
+    _KEYMAP = {"fc.weight": "fc.weight", **_LAYER_KEYS}
+    _IGNORED = ("lm_head.weight",)                  # EAGLE-1 folders may carry the target's LM head: unused
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "EagleHead":
-        from safetensors.torch import load_file
-        cfg = HeadConfig.from_dir(path)
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise HeadConfigError(f"EAGLE head folder {path!r} has no *.safetensors weights")
-        state = {}
-        for f in files:
-            try:
-                state.update(load_file(os.path.join(path, f)))
-            except Exception as e:                                  # safetensors raises its own error types
-                raise HeadConfigError(f"EAGLE head weights {os.path.join(path, f)!r} cannot be read ({e}): the file is "
-                                      "truncated or corrupt; copy or export the head again") from None
-        head = cls(cfg)
-        head.load_checkpoint_state(state, path)
-        return head.to(dtype).eval()
+        return load_head(path, dtype)
+
+    def keymap(self) -> dict[str, str]:
+        return {**self._KEYMAP, **({"fc.bias": "fc.bias"} if self.fc.bias is not None else {})}
 
     def load_checkpoint_state(self, state: dict, path: str = "head") -> None:
-        extra = sorted(k for k in state if k not in self._KEYMAP and k not in ("embed_tokens.weight", "lm_head.weight"))
-        missing = sorted(k for k in self._KEYMAP if k not in state)
+        keymap = self.keymap()
+        extra = sorted(k for k in state if k not in keymap and k not in self._IGNORED and k != "embed_tokens.weight")
+        missing = sorted(k for k in keymap if k not in state)
         if missing or extra:
-            raise HeadConfigError(f"EAGLE head {path!r} is not in the EAGLE-1 layout: missing {missing}, unexpected {extra}"
-                                  " (an fc.bias cannot be loaded by vLLM 0.32 either; retrain or drop it)")
-        own = dict(self.named_parameters())
-        for key, attr in self._KEYMAP.items():
+            layout = "EAGLE-3" if self.eagle3 else "EAGLE-1"
+            raise HeadConfigError(f"EAGLE head {path!r} is not in the {layout} layout its config.json names: missing "
+                                  f"{missing}, unexpected {extra}")
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for key, attr in keymap.items():
             if own[attr].shape != state[key].shape:
                 raise HeadConfigError(f"EAGLE head {path!r}: {key} has shape {tuple(state[key].shape)}, "
                                       f"expected {tuple(own[attr].shape)} for this config")
             with torch.no_grad():
                 own[attr].copy_(state[key])
+        if "embed_tokens.weight" in state:
+            emb = state["embed_tokens.weight"]
+            if tuple(emb.shape) != (self.cfg.vocab_size, self.cfg.hidden_size):
+                raise HeadConfigError(f"EAGLE head {path!r}: embed_tokens.weight has shape {tuple(emb.shape)}, "
+                                      f"expected {(self.cfg.vocab_size, self.cfg.hidden_size)}")
+            self.embed_tokens = emb
 
     def checkpoint_state(self) -> dict:
-        own = dict(self.named_parameters())
-        return {key: own[attr].detach().contiguous() for key, attr in self._KEYMAP.items()}
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        return {key: own[attr].detach().contiguous() for key, attr in self.keymap().items()}
 
     def pack(self, make_linear: Callable[[torch.Tensor], Linear] = torch_linear) -> "EagleHead":
         """Inference GEMMs from the current weights: fc, q|k|v fused, o, gate|up fused, down, each
-        `make_linear(weight [N, K])`. The engine passes vLLM's prepacked CPU GEMM (oneDNN / sgl), about 2x faster
-        than F.linear on the head's T=1 shapes here (`python -m benchmarks.kernels`). Call again after changing the
+        `make_linear(weight [N, K])`. The engine passes vLLM's prepacked CPU GEMM (oneDNN / sgl), faster than
+        F.linear on the head's few-row shapes (`python -m benchmarks.kernels`). Call again after changing the
         weights."""
         with torch.no_grad():
             gemm = lambda *layers: make_linear(torch.cat([m.weight for m in layers]))   # noqa: E731  rows stacked
@@ -231,38 +300,158 @@ class EagleHead(nn.Module):
                            "down": gemm(self.down_proj)}
         return self
 
+    def _fc(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or self.fc.bias is not None:
+            return self.fc(x)
+        return self.packed["fc"](x)
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """target features [T, F] -> head features [T, H] (EAGLE-1: the final-norm state itself)"""
+        return features
+
     def project(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """embeds, features [T, H] -> fc input x [T, H]. EAGLE order: embedding first."""
-        x = torch.cat([embeds, features], dim=-1)
-        return self.fc(x) if self.packed is None else self.packed["fc"](x)
+        """embeds, head features [T, H] -> entries x [T, H]. EAGLE order: embedding first."""
+        return self._fc(torch.cat([embeds, features], dim=-1))
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def logits_input(self, g: torch.Tensor) -> torch.Tensor:
+        """head outputs [M, H] -> what the draft LM head multiplies (EAGLE-1: g itself; vLLM feeds it the same)"""
+        return g
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [T, H], positions [T] -> q [T, nh, hd], k, v [T, nkv, hd] with RoPE applied to q and k."""
-        c = self.cfg
+        """x [T, E], positions [T] -> q [T, nh, hd], k, v [T, nkv, hd] with RoPE applied to q and k."""
+        c, a = self.cfg, self.attn_input(x)
         if self.packed is None:
-            q = self.q_proj(x).view(-1, c.num_heads, c.head_dim)
-            k = self.k_proj(x).view(-1, c.num_kv_heads, c.head_dim)
-            v = self.v_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+            q = self.q_proj(a).view(-1, c.num_heads, c.head_dim)
+            k = self.k_proj(a).view(-1, c.num_kv_heads, c.head_dim)
+            v = self.v_proj(a).view(-1, c.num_kv_heads, c.head_dim)
         else:                                        # [T, nh + 2 nkv, hd] split into views, no copies
-            q, k, v = self.packed["qkv"](x).view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim).split(
+            q, k, v = self.packed["qkv"](a).view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim).split(
                 [c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """x [T, H] (fc output), attn [T, nh*hd] (attention output before o_proj) -> predicted feature [T, H].
+        """x [T, E] (entries), attn [T, nh*hd] (attention output before o_proj) -> g [T, H].
 
-        Llama layer 0 with Identity input norm and no final norm, as vLLM's EagleLlamaForCausalLM:
-        out = r + mlp(norm(r)), r = x + o_proj(attn).
+        The decoder layer after attention, as vLLM's Eagle models run it: out = r + mlp(norm(r)),
+        r = residual(x) + o_proj(attn); `out` is g (EAGLE-3's pre-final-norm state, which vLLM feeds back).
         """
         if self.packed is None:
-            r = x + self.o_proj(attn)
+            r = self.residual(x) + self.o_proj(attn)
             h = rms_norm(r, self.post_attention_layernorm, self.cfg.rms_norm_eps)
             return r + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-        r = x + self.packed["o"](attn)
+        r = self.residual(x) + self.packed["o"](attn)
         h = rms_norm(r, self.post_attention_layernorm, self.cfg.rms_norm_eps)
         gate, up = self.packed["gate_up"](h).chunk(2, -1)
         return r + self.packed["down"](F.silu(gate) * up)
+
+
+class Eagle3Head(EagleHead):
+    """EAGLE-3: fuse = fc over the concatenated target layers [T, n * H_target] -> [T, H]; an entry is
+    x = [input_layernorm(e); hidden_norm(h); residual] [T, 3H], of which q/k/v read the first 2H and the layer adds the
+    residual (h, or hidden_norm(h) with norm_before_residual); the draft LM head is the head's own `lm_head` over
+    its draft vocabulary after its final `norm`; draft id i is target id i + d2t[i]."""
+
+    eagle3 = True
+
+    def __init__(self, cfg: HeadConfig, fc_bias: bool = False, num_fused: int = 3):
+        self.num_fused = num_fused
+        super().__init__(cfg, fc_bias)
+        H = cfg.hidden_size
+        self.input_layernorm = nn.Parameter(torch.ones(H))
+        self.hidden_norm = nn.Parameter(torch.ones(H))
+        self.norm = nn.Parameter(torch.ones(H))
+        self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+
+    def fc_inputs(self, cfg: HeadConfig) -> int:
+        return self.num_fused * cfg.target_hidden_size
+
+    @staticmethod
+    def attn_inputs(cfg: HeadConfig) -> int:
+        return 2 * cfg.hidden_size
+
+    _KEYMAP = {**EagleHead._KEYMAP, "layers.0.input_layernorm.weight": "input_layernorm",
+               "layers.0.hidden_norm.weight": "hidden_norm", "norm.weight": "norm", "lm_head.weight": "lm_head.weight"}
+    _IGNORED = ("t2d",)
+
+    def keymap(self) -> dict[str, str]:
+        has_d2t = self.cfg.draft_vocab_size != self.cfg.vocab_size
+        return {**super().keymap(), **({"d2t": "d2t"} if has_d2t else {})}
+
+    def draft_token_ids(self) -> torch.Tensor | None:
+        """[D] target id of each draft id, or None when the draft vocabulary is the target's."""
+        if self.cfg.draft_vocab_size == self.cfg.vocab_size:
+            return None
+        return torch.arange(self.cfg.draft_vocab_size) + self.d2t
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        return self._fc(features)
+
+    def project(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        h = rms_norm(features, self.hidden_norm, eps)
+        return torch.cat([rms_norm(embeds, self.input_layernorm, eps), h,
+                          h if self.cfg.norm_before_residual else features], dim=-1)
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : 2 * self.cfg.hidden_size]
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., 2 * self.cfg.hidden_size:]
+
+    def logits_input(self, g: torch.Tensor) -> torch.Tensor:
+        return rms_norm(g, self.norm, self.cfg.rms_norm_eps)
+
+
+def normalise_keys(state: dict) -> dict:
+    """SafeAILab / vLLM / HF spellings -> one: no `model.` prefix, `midlayer.` -> `layers.0.`."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("model."):] if k.startswith("model.") else k
+        out[k.replace("midlayer.", "layers.0.", 1) if k.startswith("midlayer.") else k] = v
+    return out
+
+
+def read_state(path: str) -> dict:
+    """All tensors of a head folder: *.safetensors, else pytorch_model*.bin (official EAGLE-1 folders)."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    bins = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
+    if not files and not bins:
+        raise HeadConfigError(f"EAGLE head folder {path!r} has no *.safetensors (or pytorch_model.bin) weights")
+    state = {}
+    for f in files or bins:
+        full = os.path.join(path, f)
+        try:
+            if f.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                state.update(load_file(full))
+            else:
+                state.update(torch.load(full, map_location="cpu", weights_only=True))
+        except Exception as e:                                  # each format raises its own error types
+            raise HeadConfigError(f"EAGLE head weights {full!r} cannot be read ({e}): the file is truncated or "
+                                  "corrupt; copy or export the head again") from None
+    return normalise_keys(state)
+
+
+def load_head(path: str, dtype: torch.dtype = torch.float32) -> EagleHead:
+    """The head a folder holds (EAGLE-1 or EAGLE-3, by its config's architectures), weights loaded."""
+    cfg = HeadConfig.from_dir(path)
+    state = read_state(path)
+    if cfg.eagle3:
+        fc = state.get("fc.weight")
+        n = fc.shape[1] // cfg.target_hidden_size if fc is not None and fc.ndim == 2 else 3
+        head = Eagle3Head(cfg, fc_bias="fc.bias" in state, num_fused=n)
+    else:
+        head = EagleHead(cfg, fc_bias="fc.bias" in state)
+    head.load_checkpoint_state(state, path)
+    return head.to(dtype).eval()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

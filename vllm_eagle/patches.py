@@ -88,7 +88,7 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
 def add_eagle_args(parser) -> None:
     g = parser.add_argument_group("EAGLE (vllm-eagle)", "EAGLE speculative decoding from the vllm-eagle plugin")
     g.add_argument("--speculative-model", default=None, metavar="HEAD",
-                   help="EAGLE-1 head folder; turns on vllm-eagle speculation")
+                   help="EAGLE-1 or EAGLE-3 head folder; turns on vllm-eagle speculation")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="draft tokens per step (K; chain default 2; for --eagle-tree dynamic: total_tokens, default 8)")
     g.add_argument("--eagle-tree", default="chain", metavar="TREE",

@@ -1,4 +1,4 @@
-"""EagleProposer: our EAGLE-1 proposer, plugged into vLLM through `speculative_config.method = "custom_class"`.
+"""EagleProposer: our EAGLE (-1 and -3) proposer, plugged into vLLM through `speculative_config.method = "custom_class"`.
 
 vLLM constructs it in the worker and calls `load_model(target)`; our worker's runner (worker.py) then calls
 `propose_step(FeatureBatch)` each step with the target's features. Verification of the chain runs in vLLM's own
@@ -17,7 +17,8 @@ import torch
 from .adapt import SpeculationGate
 from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
 from .draft import commit_entries, draft_chain, draft_dynamic, draft_tree, dynamic_tree_paths
-from .draft_head import EagleHead, Linear, check_head_matches_target, load_draft_vocab, read_config, torch_linear
+from .draft_head import (EagleHead, HeadConfig, Linear, check_head_matches_target, load_draft_vocab, load_head,
+                         read_config, torch_linear)
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
 from .lookup import lookup_draft
@@ -74,6 +75,7 @@ class EagleProposer:
             raise EagleOptionError("vllm-eagle speculation needs prefix caching off (the head's KV of a cached prefix "
                                    "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
                                    "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
+        self.feature_layers = self._feature_layers(vllm_config)    # target layers the worker captures
         self.max_model_len = vllm_config.model_config.max_model_len
         self.dtype = vllm_config.model_config.dtype
         self.head: EagleHead | None = None
@@ -88,24 +90,45 @@ class EagleProposer:
         self._last_decision: tuple | None = None    # (call start, head drafted?, requests, sampled?, lookup-only?)
         self._step_start = 0.0
 
+    def _feature_layers(self, vllm_config) -> tuple[int, ...]:
+        """What the target must hand over besides its final state: an EAGLE-3 head's fused layers (its config, or
+        vLLM's default for the target's depth), else the `feature_layers` option (capture only)."""
+        cfg = HeadConfig.from_dir(self.options.head)
+        hf = vllm_config.model_config.hf_config
+        layers = cfg.feature_layers(getattr(hf.get_text_config(), "num_hidden_layers", 0))
+        if not cfg.eagle3:
+            return self.options.feature_layers
+        if self.options.feature_layers and tuple(self.options.feature_layers) != layers:
+            raise EagleOptionError(f"feature_layers={list(self.options.feature_layers)} differs from the layers the "
+                                   f"EAGLE-3 head {self.options.head!r} was trained on ({list(layers)}): leave "
+                                   "feature_layers unset")
+        return layers
+
     def load_model(self, target: torch.nn.Module) -> None:
         hf = self.vllm_config.model_config.hf_config
         check_head_matches_target(read_config(self.options.head), hf.to_dict(), self.options.head)
         self.target = target
         self.vocab_size = self.vllm_config.model_config.get_vocab_size()
-        self.head = EagleHead.from_pretrained(self.options.head, dtype=self.dtype).pack(engine_linear)
+        self.head = load_head(self.options.head, dtype=self.dtype).pack(engine_linear)
         self.kv = DraftKVCache(self.head.cfg.num_kv_heads, self.head.cfg.head_dim, self.dtype)
         self.draft_vocab, lm_rows = self._draft_lm_head(target)
-        self.draft_lm_head = None if lm_rows is None else engine_linear(lm_rows)   # predicted features -> draft logits
+        self.draft_lm_head = None if lm_rows is None else engine_linear(lm_rows)   # head outputs -> draft logits
+        own = self.head.embed_tokens
+        self.own_embedding = None if own is None else own.to(self.dtype)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.own_embedding is not None:
+            return self.own_embedding[token_ids]
         return self.target.embed_input_ids(token_ids)
 
     def _draft_lm_head(self, target) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The LM-head rows drafting scores: the head's draft vocabulary (its most frequent tokens, see
-        draft_vocab.json) or the whole vocabulary. Verification always uses the full vocabulary, so a draft
-        vocabulary costs acceptance only when the target's choice lies outside it; argmax ignores logit scaling and
-        soft-capping, so the plain weight rows suffice."""
+        """(draft vocabulary [D] token ids or None = the whole vocabulary, LM-head rows [D, H] drafting scores).
+        EAGLE-3: the head's own lm_head over its draft vocabulary (d2t). EAGLE-1: the target's LM head, restricted to
+        the head's draft vocabulary (its most frequent tokens, see draft_vocab.json) if it has one. Verification
+        always uses the full vocabulary, so a draft vocabulary costs acceptance only when the target's choice lies
+        outside it; argmax ignores logit scaling and soft-capping, so the plain weight rows suffice."""
+        if self.head.eagle3:
+            return self.head.draft_token_ids(), self.head.lm_head.weight.detach()
         weight = getattr(getattr(target, "lm_head", None), "weight", None)
         if weight is None or weight.ndim != 2 or getattr(target.lm_head, "bias", None) is not None:
             return None, None                                   # unusual LM head: score through compute_logits
@@ -116,6 +139,7 @@ class EagleProposer:
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """predicted features [M, H] -> logits [M, D] over the draft vocabulary (D = its size, or the vocabulary)"""
+        hidden = self.head.logits_input(hidden)
         if self.draft_lm_head is None:
             return self.target.compute_logits(hidden)[:, : self.vocab_size]
         return self.draft_lm_head(hidden)

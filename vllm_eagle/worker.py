@@ -102,13 +102,13 @@ class EagleCPUModelRunner(CPUModelRunner):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
 
     def load_model(self, *args, **kwargs) -> None:
-        if isinstance(getattr(self, "drafter", None), EagleProposer) and self.drafter.options.feature_layers:
-            self.use_aux_hidden_state_outputs = True           # the target returns (hidden, [layer outputs])
+        if isinstance(getattr(self, "drafter", None), EagleProposer) and self.drafter.feature_layers:
+            self.use_aux_hidden_state_outputs = True           # the target returns (hidden, [layer inputs])
         super().load_model(*args, **kwargs)
 
     def _get_eagle3_aux_layers_from_config(self):
-        if isinstance(getattr(self, "drafter", None), EagleProposer) and self.drafter.options.feature_layers:
-            return tuple(self.drafter.options.feature_layers)
+        if isinstance(getattr(self, "drafter", None), EagleProposer) and self.drafter.feature_layers:
+            return tuple(self.drafter.feature_layers)
         return super()._get_eagle3_aux_layers_from_config()
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,

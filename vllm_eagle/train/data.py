@@ -8,15 +8,20 @@ from dataclasses import dataclass
 import torch
 
 
+# ShareGPT conversation ids from here on are held out of training (benchmarks take their prompts from them).
+HOLDOUT_START = 10500
+
+
 class DataFormatError(ValueError):
     """A training record that cannot be used; the message names the record and what is wrong."""
 
 
-def parse_sharegpt(text: str, limit: int | None = None) -> list[dict]:
+def sharegpt_conversations(text: str, limit: int | None = None) -> list[list[dict]]:
     """Parse ShareGPT's JSON array object by object, stopping cleanly at a truncated tail.
 
-    Returns [{"prompt": first human turn, "answer": the gpt turn after it}] for conversations that start with a human
-    turn; conversations without such a pair are skipped (they are valid ShareGPT, just not usable).
+    Returns the usable conversations' turn lists ([{"from": "human" | "gpt", "value": str}, ...]): those that start
+    with a non-empty human turn answered by a non-empty gpt turn (others are valid ShareGPT, just not usable). A
+    conversation's index in this list is its id everywhere in vllm_eagle (training corpus, benchmark hold-out).
     """
     start = text.find("[")
     if start < 0:
@@ -36,8 +41,13 @@ def parse_sharegpt(text: str, limit: int | None = None) -> list[dict]:
             raise DataFormatError(f"ShareGPT record {len(out)} has no 'conversations' list: {str(obj)[:80]!r}")
         if (len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt"
                 and turns[0].get("value", "").strip() and turns[1].get("value", "").strip()):
-            out.append({"prompt": turns[0]["value"], "answer": turns[1]["value"]})
+            out.append(turns)
     return out
+
+
+def parse_sharegpt(text: str, limit: int | None = None) -> list[dict]:
+    """[{"prompt": first human turn, "answer": the gpt turn after it}] of the usable conversations, in id order."""
+    return [{"prompt": t[0]["value"], "answer": t[1]["value"]} for t in sharegpt_conversations(text, limit)]
 
 
 def parse_jsonl(path: str) -> list[dict]:

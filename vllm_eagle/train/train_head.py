@@ -1,10 +1,13 @@
-"""`vllm-eagle train`: build data, capture target features, train an EAGLE-1 head with a multi-step rollout loss,
-evaluate it, and write an HF-style folder in the official EAGLE-1 layout (loads here and in vLLM `method: eagle`).
+"""`vllm-eagle train`: build data, capture target features, train an EAGLE-1 or EAGLE-3 head with a multi-step
+rollout (EAGLE-3's "training-time test"), evaluate it, and write an HF-style folder in the official layout (loads here
+and in vLLM `method: eagle` / `eagle3`).
 
-Phases: data (self-distilled answers from the target through vLLM, and/or teacher-forced ShareGPT/JSONL answers)
--> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j (weight w^(j-1)):
-SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(draft_lm_head(g_j), softmax(draft_lm_head(f_{q+1}))), on answer positions
-only, where draft_lm_head is the LM head restricted to the draft vocabulary the head drafts from at inference.
+Phases: data (a kept self-distilled corpus (corpus.py), self-distilled answers generated now, and/or teacher-forced
+ShareGPT/JSONL answers) -> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j
+(weight step_decay^(j-1)), on answer positions only:
+  EAGLE-1: SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(draft_lm_head(g_j), softmax(draft_lm_head(f_{q+1}))), draft_lm_head
+           being the target's LM head restricted to the draft vocabulary the head drafts from at inference;
+  EAGLE-3: soft-CE(lm_head(norm(g_j)), the target's softmax over the draft vocabulary) (ttt_losses).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..draft_head import EagleHead, HeadConfig
+from ..draft_head import Eagle3Head, EagleHead, HeadConfig, load_head
 from .data import Example, parse_jsonl, parse_sharegpt, tokenize
 from .rollout import rollout
 
@@ -48,13 +51,25 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     threads: int = 0                   # 0 = torch default
     draft_vocab_size: int = 8192       # most frequent answer tokens the head drafts from (0 = full vocabulary)
+    arch: str = "eagle1"               # "eagle1" or "eagle3" (fused layers, own LM head, soft-CE only)
+    corpus: str = ""                   # a self-distilled corpus folder (corpus.py) to train on, "" = none
+    corpus_answers: int = 0            # use its first N answers (0 = all)
+    feature_layers: tuple = ()         # eagle3: target layers to fuse, () = vLLM's default (2, L // 2, L - 3)
 
 
+CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus")
 PRESETS = {
     # The shipped SmolLM2 head's runs 2 and 3 (each continued the previous run with --init; run 3 with --data-offset
     # 3200 --conversations 1200 --distill 2400 --steps 1200): see its model card.
     "smollm2-135m": TrainConfig(num_conversations=1500, num_distill=1500, max_len=384, batch_tokens=2048,
                                 steps=900, cls_fraction=0.5),
+    # EAGLE-3 from the shipped corpus: 7-step training-time test, soft cross-entropy over the draft vocabulary.
+    "smollm2-135m-eagle3": TrainConfig(arch="eagle3", corpus=os.path.join(CORPORA, "smollm2-135m-instruct"),
+                                       num_conversations=0, num_heldout=100, max_len=768, batch_tokens=2048,
+                                       steps=1200, rollout_steps=7, lr=5e-4, noise=0.0),
+    "tiny-eagle3": TrainConfig(arch="eagle3", num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512,
+                               steps=60, lr=3e-3, draft_vocab_size=256, rollout_steps=3, warmup=3, noise=0.0,
+                               checkpoint_minutes=0.0),
     "tiny": TrainConfig(num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512, steps=60, lr=3e-3,
                         draft_vocab_size=256,
                         rollout_steps=2, warmup=3, checkpoint_minutes=0.0),
@@ -74,17 +89,32 @@ def progress(it, total: int, what: str):
             log(f"{what}: {i}/{total} ({100 * i / total:.0f}%) {el:.0f}s elapsed, eta {el / i * (total - i):.0f}s")
 
 
+def has_bf16_matmul() -> bool:
+    """bf16 GEMMs are fast only with AVX512-BF16 / AMX; on AVX2-only CPUs torch's bf16 fallback is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+COMPUTE_DTYPE = torch.bfloat16 if has_bf16_matmul() else torch.float32
+
+
 def load_target(target: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=COMPUTE_DTYPE).eval()
     return tok, model
 
 
 @torch.no_grad()
 def capture_features(model, examples: list[Example], dtype: torch.dtype = torch.bfloat16,
-                     batch_tokens: int = 4096) -> list[torch.Tensor]:
-    """Final-norm hidden states (the LM-head input) per example, [T, H] in `dtype` (any HF causal LM).
+                     batch_tokens: int = 4096, layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Final-norm hidden states (the LM-head input) per example, [T, H] in `dtype` (any HF causal LM); with
+    `layers`, each example's [T, (1 + len(layers)) H]: the final state, then the residual stream entering each of
+    those layers (HF's hidden_states[i], what vLLM's EAGLE-3 capture returns for layer i).
 
     Examples run in right-padded batches of similar length (~batch_tokens padded tokens): causal attention with the
     padding masked leaves every real position's state what an unpadded forward computes (up to kernel shape
@@ -99,9 +129,22 @@ def capture_features(model, examples: list[Example], dtype: torch.dtype = torch.
         att = torch.zeros_like(ids)
         for b, (i, n) in enumerate(zip(idx, lengths)):
             ids[b, :n], att[b, :n] = examples[i].tokens, 1
-        hidden = base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state   # [B, T, H]
+        res = base(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=bool(layers))
+        hidden = torch.cat([res.last_hidden_state] + [res.hidden_states[i] for i in layers], dim=-1)
         for b, (i, n) in enumerate(zip(idx, lengths)):
             out[i] = hidden[b, :n].to(dtype).clone()
+    return out
+
+
+@torch.no_grad()
+def target_top1(lm_head: torch.Tensor, feats: list[torch.Tensor], hidden: int, chunk: int = 2048) -> list[torch.Tensor]:
+    """The target's argmax token at every position ([T] int64 per example) from its final states (the first
+    `hidden` columns of each feature row): EAGLE-3's loss masks positions whose argmax lies outside the draft
+    vocabulary, and evaluation compares drafts with it."""
+    out = []
+    for f in feats:
+        rows = [(f[s:s + chunk, :hidden].to(lm_head.dtype) @ lm_head.T).argmax(-1) for s in range(0, len(f), chunk)]
+        out.append(torch.cat(rows))
     return out
 
 
@@ -122,9 +165,9 @@ def batches(order: list[int], examples: list[Example], batch_tokens: int) -> lis
 
 def collate(idx: list[int], examples: list[Example], feats: list[torch.Tensor], embed: torch.Tensor):
     T = max(len(examples[i].tokens) for i in idx)
-    B, H = len(idx), embed.shape[1]
+    B = len(idx)
     tokens = torch.zeros(B, T, dtype=torch.long)
-    features = torch.zeros(B, T, H, dtype=torch.bfloat16)
+    features = torch.zeros(B, T, feats[idx[0]].shape[1], dtype=torch.bfloat16)
     mask = torch.zeros(B, T, dtype=torch.bool)
     lengths = torch.tensor([len(examples[i].tokens) for i in idx])
     for b, i in enumerate(idx):
@@ -148,7 +191,7 @@ def step_losses(head, lm_head, vocab, cfg: TrainConfig, emb_next, features, mask
     if train and cfg.noise:
         inp = inp + (torch.rand_like(inp) * 2 - 1) * cfg.noise
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = rollout(head, emb_next.float(), inp, lengths, cfg.rollout_steps)
+        outs = rollout(head, emb_next.float(), inp, cfg.rollout_steps)
     target_f = features[:, 1:].float()                                        # f_{q+1} at row q
     q = torch.arange(T - 1)[None].expand(B, -1)
     base_valid = mask[:, 1:] & (q + 1 < lengths[:, None])
@@ -175,6 +218,51 @@ def step_losses(head, lm_head, vocab, cfg: TrainConfig, emb_next, features, mask
     return total, top1, counts
 
 
+def pad_rows(idx: list[int], rows: list[torch.Tensor]) -> torch.Tensor:
+    """per-example [T_i] tensors -> [B, max T_i], zero-padded (batch order of `idx`)"""
+    out = torch.zeros(len(idx), max(len(rows[i]) for i in idx), dtype=rows[idx[0]].dtype)
+    for b, i in enumerate(idx):
+        out[b, : len(rows[i])] = rows[i]
+    return out
+
+
+def ttt_losses(head: Eagle3Head, lm_rows: torch.Tensor, in_vocab: torch.Tensor, cfg: TrainConfig, emb_next, features,
+               mask, lengths, top1, train: bool):
+    """EAGLE-3's training-time test: the head unrolled cfg.rollout_steps steps on its own outputs (rollout.py); step
+    j's loss is the soft cross-entropy of its draft-vocabulary logits against the target's softmax over the draft
+    vocabulary, weighted step_decay**(j-1); positions whose target argmax lies outside the draft vocabulary carry no
+    loss (no feature regression).
+
+    features [B, T, (1 + n) H]: final state, then the n captured layers; top1 [B, T] the target's argmax;
+    lm_rows [D, H] the target's LM-head rows of the draft vocabulary; in_vocab [V] bool.
+    -> (loss, per-step top-1 hits (the draft vs the target's argmax, on every answer position), per-step counts)
+    """
+    B, T, _ = features.shape
+    H = emb_next.shape[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=COMPUTE_DTYPE == torch.bfloat16):
+        outs = rollout(head, emb_next.float(), features[..., H:].float(), cfg.rollout_steps)
+    q = torch.arange(T - 1)[None].expand(B, -1)
+    base = mask[:, 1:] & (q + 1 < lengths[:, None])                           # row q predicts t_{q+2}
+    want = top1[:, 1:][base]                                                  # [P] the target's argmax there
+    scored = in_vocab[want]                                                   # [P] positions with a loss
+    with torch.no_grad():
+        tgt_p = (features[:, 1:][base][:, :H].to(lm_rows.dtype) @ lm_rows.T).float().softmax(-1)   # [P, D]
+    qb, draft_ids = q[base], head.draft_token_ids()
+    total, top1_hits, counts = 0.0, [], []
+    for j, out in enumerate(outs, 1):
+        rows = qb >= j - 1                                                    # positions with a step-j rollout
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=COMPUTE_DTYPE == torch.bfloat16):
+            logits = head.lm_head(head.logits_input(out[:, :-1][base][rows])).float()   # [P_j, D]
+        keep = scored[rows]
+        ce = -(tgt_p[rows][keep] * logits[keep].log_softmax(-1)).sum(-1)
+        total = total + cfg.step_decay ** (j - 1) * (ce.mean() if len(ce) else logits.sum() * 0)
+        drafted = logits.detach().argmax(-1)
+        drafted = drafted if draft_ids is None else draft_ids[drafted]
+        top1_hits.append(float((drafted == want[rows]).sum()))
+        counts.append(int(rows.sum()))
+    return total, top1_hits, counts
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -185,14 +273,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(head, lm_head, vocab, embed, cfg, examples, feats) -> list[float]:
-    head.eval()
+def evaluate(losses, cfg, examples) -> list[float]:
+    """Held-out top-1 per rollout step; losses(idx, train) is the run's objective over examples[idx]."""
     hits, counts = [0.0] * cfg.rollout_steps, [0] * cfg.rollout_steps
     for idx in batches(list(range(len(examples))), examples, cfg.batch_tokens):
-        _, t, c = step_losses(head, lm_head, vocab, cfg, *collate(idx, examples, feats, embed), train=False)
+        _, t, c = losses(idx, train=False)
         hits = [a + b for a, b in zip(hits, t)]
         counts = [a + b for a, b in zip(counts, c)]
-    head.train()
     return [h / max(1, c) for h, c in zip(hits, counts)]
 
 
@@ -222,11 +309,12 @@ def write_draft_vocab(out: str, ids: torch.Tensor) -> None:
 
 
 def build_sources(target: str, tok, cfg: TrainConfig, data: str, data_path: str | None, work_dir: str):
-    """-> {source name: records}: 'self-distilled' (ShareGPT prompts answered by the target) and 'teacher-forced'."""
+    """-> {source name: records}: 'corpus' (cfg.corpus, read later), 'self-distilled' (ShareGPT prompts answered by
+    the target now) and 'teacher-forced' (ShareGPT's own answers)."""
     n_tf = cfg.num_conversations + cfg.num_heldout if cfg.num_conversations else 0
     n_sd = cfg.num_distill + cfg.num_heldout if cfg.num_distill else 0
     records = load_records(data, data_path, cfg.data_offset + n_tf + n_sd)[cfg.data_offset:]
-    sources = {}
+    sources = {"corpus": []} if cfg.corpus else {}       # the corpus's examples are built from its folder
     if n_sd:
         from .distill import self_distill
         prompts = [r["prompt"] for r in records[n_tf:n_tf + n_sd]]
@@ -242,14 +330,37 @@ def export(head: EagleHead, target_cfg: dict, out: str, card: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(head.cfg.to_hf_dict(target_cfg), f, indent=2)
-    save_file({k: v.to(torch.bfloat16) for k, v in head.checkpoint_state().items()},
-              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in head.checkpoint_state().items()}
+    if head.eagle3 and "d2t" in state:                   # SafeAILab's t2d: which target ids are draft ids (vLLM skips it)
+        t2d = torch.zeros(head.cfg.vocab_size, dtype=torch.bool)
+        t2d[head.draft_token_ids()] = True
+        state["t2d"] = t2d
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
 
 
+def new_head(cfg: TrainConfig, target_cfg: dict, vocab: torch.Tensor | None, lm_head: torch.Tensor,
+             final_norm: torch.Tensor, layers: tuple[int, ...] = ()) -> EagleHead:
+    """A fresh head for the target. EAGLE-3: fuses `layers`; its draft vocabulary is `vocab` (sorted into d2t),
+    its lm_head starts as the target's rows of it and its norm as the target's final norm."""
+    hc = HeadConfig.from_hf_dict(target_cfg)
+    if cfg.arch != "eagle3":
+        return EagleHead(hc)
+    ids = torch.arange(hc.vocab_size) if vocab is None else vocab.sort().values
+    hc = replace(hc, eagle3=True, draft_vocab_size=len(ids), target_hidden_size=hc.hidden_size, aux_layers=layers)
+    head = Eagle3Head(hc)
+    with torch.no_grad():
+        head.d2t.copy_(ids - torch.arange(len(ids)))
+        head.lm_head.weight.copy_(lm_head[ids].float())
+        head.norm.copy_(final_norm.float())
+    return head
+
+
 def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_path: str | None = None,
           work_dir: str | None = None, init: str | None = None) -> dict:
+    if cfg.arch not in ("eagle1", "eagle3"):
+        raise SystemExit(f"--arch must be eagle1 or eagle3, got {cfg.arch!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -264,22 +375,30 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         target_cfg = json.load(f)
     embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)         # [V, H] frozen
     lm_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)      # [V, H] frozen
+    final_norm = model.get_decoder().norm.weight.detach().clone()
+    H, L = embed.shape[1], target_cfg["num_hidden_layers"]
+    layers = tuple(cfg.feature_layers) or (2, L // 2, L - 3) if cfg.arch == "eagle3" else ()
     sources = build_sources(target, tok, cfg, data, data_path, work_dir)
     times["data_s"] = time.time() - t0
     t1 = time.time()
     held, train_ex, train_f = {}, [], []
     for name, records in sources.items():
-        path = os.path.join(work_dir, f"features-{name}.pt")
+        path = os.path.join(work_dir, f"features-{name}{'-eagle3' if layers else ''}.pt")
         if os.path.exists(path):
             saved = torch.load(path)
             examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
             feats = saved["features"]
             log(f"features: reusing {path} ({sum(len(e.tokens) for e in examples)} tokens)")
         else:
-            examples = tokenize(tok, records, cfg.max_len)
-            log(f"data ({name}): {len(records)} conversations -> {len(examples)} examples, "
-                f"{sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
-            feats = capture_features(model, examples)
+            if name == "corpus":
+                from .corpus import examples as corpus_examples
+                examples = corpus_examples(cfg.corpus, tok, cfg.max_len)
+                examples = examples[: cfg.corpus_answers or len(examples)]
+            else:
+                examples = tokenize(tok, records, cfg.max_len)
+            log(f"data ({name}): {len(records) if records else len(examples)} conversations -> {len(examples)} "
+                f"examples, {sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
+            feats = capture_features(model, examples, layers=layers)
             torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
                         "features": feats}, path)
         n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
@@ -288,9 +407,38 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         train_f += feats[n_held:]
     times["features_s"] = time.time() - t1
     del model
-    vocab, coverage = draft_vocab(train_ex, cfg.draft_vocab_size) if cfg.draft_vocab_size else (None, 1.0)
+    top1 = target_top1(lm_head.to(COMPUTE_DTYPE), train_f, H) if cfg.arch == "eagle3" else None
+    # EAGLE-3 drafts the target's argmax, so its draft vocabulary is the target's most frequent argmax tokens on
+    # answer positions (= the answers' tokens for self-distilled text); EAGLE-1's, the answers' most frequent tokens.
+    scored = train_ex if top1 is None else [Example(t, F.pad(e.answer_mask[1:], (0, 1))) for t, e in zip(top1, train_ex)]
+    vocab, coverage = draft_vocab(scored, cfg.draft_vocab_size) if cfg.draft_vocab_size else (None, 1.0)
 
-    head = EagleHead.from_pretrained(init) if init else EagleHead(HeadConfig.from_hf_dict(target_cfg))
+    if init:
+        head = load_head(init)
+        if head.eagle3 != (cfg.arch == "eagle3"):
+            raise SystemExit(f"--init {init!r} is not an {cfg.arch} head: pass --arch to match it")
+        if head.eagle3:
+            vocab = head.draft_token_ids()                  # a continued EAGLE-3 head keeps its draft vocabulary
+    else:
+        head = new_head(cfg, target_cfg, vocab, lm_head, final_norm, layers)
+    if head.eagle3:
+        ids = head.draft_token_ids()
+        ids = torch.arange(head.cfg.vocab_size) if ids is None else ids
+        lm_rows = lm_head[ids].to(COMPUTE_DTYPE)                                   # [D, H]
+        in_vocab = torch.zeros(head.cfg.vocab_size, dtype=torch.bool)
+        in_vocab[ids] = True
+        held_top1 = {name: target_top1(lm_head.to(COMPUTE_DTYPE), f, H) for name, (_, f) in held.items()}
+
+        def objective(examples, feats, tops):
+            return lambda idx, train: ttt_losses(head, lm_rows, in_vocab, cfg, *collate(idx, examples, feats, embed),
+                                                 pad_rows(idx, tops), train=train)
+    else:
+        held_top1 = {}
+
+        def objective(examples, feats, tops):
+            return lambda idx, train: step_losses(head, lm_head, vocab, cfg, *collate(idx, examples, feats, embed),
+                                                  train=train)
+    losses = objective(train_ex, train_f, top1)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ckpt_path, step, trained_s = os.path.join(work_dir, "checkpoint.pt"), 0, 0.0
     if os.path.exists(ckpt_path):
@@ -301,6 +449,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     rng = random.Random(cfg.seed)
     plan: list[list[int]] = []
     t1, last_ckpt, ema = time.time(), time.time(), None
+    head.train()
     while step < cfg.steps:
         if not plan:
             plan = batches(list(range(len(train_ex))), train_ex, cfg.batch_tokens)
@@ -308,8 +457,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         idx = plan.pop()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, top1, counts = step_losses(head, lm_head, vocab, cfg, *collate(idx, train_ex, train_f, embed),
-                                         train=True)
+        loss, top1_hits, counts = losses(idx, train=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
@@ -320,7 +468,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
             times["first_loss"] = loss.item()
         if step % max(1, cfg.steps // 50) == 0 or step == cfg.steps:
             el = trained_s + time.time() - t1
-            acc = ", ".join(f"{t / max(1, c):.2f}" for t, c in zip(top1, counts))
+            acc = ", ".join(f"{t / max(1, c):.2f}" for t, c in zip(top1_hits, counts))
             log(f"train: step {step}/{cfg.steps} loss {ema:.3f} top-1/step [{acc}] lr {lr_at(step, cfg):.2e} "
                 f"{el:.0f}s, eta {el / step * (cfg.steps - step):.0f}s")
         if cfg.checkpoint_minutes and (time.time() - last_ckpt > 60 * cfg.checkpoint_minutes or step == cfg.steps):
@@ -331,23 +479,26 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     times["last_loss"] = ema
 
     t2 = time.time()
-    heldout = {name: [round(x, 4) for x in evaluate(head, lm_head, vocab, embed, cfg, ex, f)]
-               for name, (ex, f) in held.items()}
+    head.eval()
+    with torch.no_grad():
+        heldout = {name: [round(x, 4) for x in evaluate(objective(ex, f, held_top1.get(name)), cfg, ex)]
+                   for name, (ex, f) in held.items()}
     times["eval_s"] = time.time() - t2
     summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
-               "init": init, "sources": {name: len(r) for name, r in sources.items()},
+               "init": init, "sources": {name: len(r) if r else len(held[name][0]) for name, r in sources.items()},
                "train_examples": len(train_ex), "train_tokens": sum(len(e.tokens) for e in train_ex),
                "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
                "heldout_examples": {name: len(ex) for name, (ex, _) in held.items()},
                "heldout_top1_per_step": next(iter(heldout.values())), "heldout_top1_by_source": heldout,
-               "draft_vocab_coverage": round(coverage, 4),
-               "times": {k: round(v, 3) for k, v in times.items()}}
+               "draft_vocab_coverage": round(coverage, 4), "compute_dtype": str(COMPUTE_DTYPE).split(".")[-1],
+               "times": {k: round(v, 3) for k, v in times.items() if v is not None}}
     os.makedirs(out, exist_ok=True)
-    if vocab is not None:
+    if vocab is not None and not head.eagle3:
         write_draft_vocab(out, vocab)
-    card = ("# EAGLE-1 head\n\nTrained by `vllm-eagle train` for target "
-            f"`{summary['target']}`. Official EAGLE-1 layout (vLLM 0.32 `method: eagle` loads it too).\n\n"
-            "```json\n" + json.dumps(summary, indent=2) + "\n```\n")
+    layout = ("EAGLE-3 layout (vLLM 0.32 `method: eagle3` loads it too)" if head.eagle3
+              else "EAGLE-1 layout (vLLM 0.32 `method: eagle` loads it too)")
+    card = (f"# {'EAGLE-3' if head.eagle3 else 'EAGLE-1'} head\n\nTrained by `vllm-eagle train` for target "
+            f"`{summary['target']}`. Official {layout}.\n\n```json\n" + json.dumps(summary, indent=2) + "\n```\n")
     export(head, target_cfg, out, card)
     with open(os.path.join(out, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -370,10 +521,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--work-dir", help="features + resumable checkpoint (default OUT.work)")
     p.add_argument("--init", help="start from this head folder's weights (continue training a head)")
+    p.add_argument("--arch", choices=("eagle1", "eagle3"), help="head layout (default: the preset's)")
+    p.add_argument("--corpus", help="self-distilled corpus folder to train on (see `vllm-eagle corpus`)")
+    p.add_argument("--corpus-answers", type=int, help="use the corpus's first N answers (0 = all)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-len", type=int, help="tokens per training sequence")
     a = p.parse_args(argv)
     cfg = PRESETS[a.preset]
+    if a.arch == "eagle3" and cfg.arch != "eagle3":
+        cfg = replace(cfg, arch="eagle3", rollout_steps=PRESETS["smollm2-135m-eagle3"].rollout_steps, noise=0.0)
     overrides = {"steps": a.steps, "num_conversations": a.conversations, "num_distill": a.distill,
-                 "rollout_steps": a.rollout_steps,
+                 "rollout_steps": a.rollout_steps, "arch": a.arch, "corpus": a.corpus, "corpus_answers": a.corpus_answers,
+                 "lr": a.lr, "max_len": a.max_len,
                  "threads": a.threads, "data_offset": a.data_offset}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.data[0] not in ("sharegpt", "jsonl") or len(a.data) > 2:
