@@ -3,7 +3,9 @@
 Each head runs our chain with K = 6 drafts and every step drafting (greedy drafts of a chain do not depend on K, so
 tau(K) = 1 + the first K per-position acceptances), and vLLM's native method with the same folder (`eagle` or
 `eagle3`) at the same K, on MT-Bench first turns and on held-out ShareGPT first turns of the categories the corpus
-balances (corpus.category; conversations after data.HOLDOUT_START, never trained on).
+balances (corpus.category; conversations after data.HOLDOUT_START, never trained on). The offline replay
+(`offline_acceptance`) walks the same chains from HF features through the training code: where it and the engine
+disagree, features, dtype or the draft loop differ.
 
     python -m benchmarks.heads --heads HEAD_A HEAD_B [--max-tokens 256 128] [--prompts 24] [--dtype float32]
 """
@@ -54,6 +56,60 @@ def acceptance(llm, prompts: list[str], max_tokens: int) -> dict:
             "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "seconds": round(wall, 1)}
 
 
+def offline_acceptance(head_dir: str, target: str, sequences: list[tuple[list[int], list[int]]]) -> dict:
+    """The engine's greedy chain walk replayed offline, from HF features (fp32): at each verify step the head's K
+    drafts from the committed prefix (the rollout's step-j argmax at row p + j - 1, which is the draft loop's while
+    the drafts are right), accepted while they equal the target's tokens, then a bonus token. Per-position
+    acceptance must match the engine's on the same sequences; teacher-forced top-1 (every position, no walk) is
+    what training reports, and differs from the walk by which positions a chain drafts at.
+
+    sequences: (prompt ids, the target's greedy answer ids) -> {per_position_acceptance, tau_by_k, top1_step1}
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_eagle.draft_head import load_draft_vocab, load_head
+    from vllm_eagle.train.rollout import rollout
+    from vllm_eagle.train.train_head import capture_features
+    from vllm_eagle.train.data import Example
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    head = load_head(head_dir)
+    L = model.config.num_hidden_layers
+    layers = head.cfg.feature_layers(L)
+    embed, lm = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    if head.eagle3:
+        ids, rows = head.draft_token_ids(), head.lm_head.weight.detach()
+    else:
+        ids = load_draft_vocab(head_dir)
+        rows = lm if ids is None else lm[ids]
+    exs = [Example(torch.tensor(pr + an), torch.arange(len(pr) + len(an)) >= len(pr)) for pr, an in sequences]
+    feats = capture_features(model, exs, dtype=torch.float32, layers=layers)
+    drafts_total, accepted, hits, positions = 0, [0] * K, 0, 0
+    with torch.no_grad():
+        for ex, f, (pr, an) in zip(exs, feats, sequences):
+            toks = ex.tokens
+            emb_next = embed[torch.cat([toks[1:], toks[:1]])][None]
+            outs = rollout(head, emb_next, (f[:, embed.shape[1]:] if head.eagle3 else f)[None], K)
+            best = torch.stack([(head.logits_input(o[0]) @ rows.T).argmax(-1) for o in outs])   # [K, T]
+            best = best if ids is None else ids[best]
+            T = len(toks)
+            # row q's step-j draft is the token at q + 2 for the chain started at q - j + 1
+            hits += int((best[0, len(pr) - 1:T - 2] == toks[len(pr) + 1:]).sum())
+            positions += T - len(pr) - 1
+            p = len(pr) - 1                      # last committed entry: the bonus token after it is t_{p+1}
+            while p + 2 < T:
+                drafts_total += 1
+                n = 0
+                while n < K and p + n + 2 < T and int(best[n, p + n]) == int(toks[p + n + 2]):
+                    accepted[n] += 1
+                    n += 1
+                p += n + 1
+    per_pos = [a / max(1, drafts_total) for a in accepted]
+    return {"per_position_acceptance": [round(x, 4) for x in per_pos],
+            "tau_by_k": [round(1 + sum(per_pos[:k]), 3) for k in range(1, K + 1)],
+            "top1_step1": round(hits / max(1, positions), 4)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.heads", description=__doc__.split("\n")[0])
     p.add_argument("--heads", nargs="+", required=True)
@@ -62,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-category", type=int, default=6, help="held-out ShareGPT prompts per category")
     p.add_argument("--max-tokens", nargs="+", type=int, default=[256, 128])
     p.add_argument("--no-native", action="store_true")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline replay (HF features, training code)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
@@ -75,7 +132,21 @@ def main(argv: list[str] | None = None) -> dict:
     wls = {"mtbench": workloads(tok, ["mtbench"], a.prompts)["mtbench"], **category_prompts(tok, a.per_category)}
     env = environment()
     rows = []
+    sequences = []
+    if not a.no_offline:                                 # the target's own greedy MT-Bench answers, for the replay
+        from vllm import SamplingParams
+        llm = LLM(model=target, dtype=a.dtype, max_model_len=2048, enforce_eager=True, seed=0, max_num_seqs=32)
+        outs = llm.generate(wls["mtbench"], SamplingParams(temperature=0, max_tokens=a.max_tokens[0]), use_tqdm=False)
+        sequences = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
     for head in a.heads:
+        if sequences:
+            r = offline_acceptance(head, target, sequences)
+            rows.append({"head": os.path.basename(os.path.normpath(head)), "method": native_method(head),
+                         "config": "offline-replay", "workload": "mtbench", "prompts": len(sequences),
+                         "max_tokens": a.max_tokens[0], **r})
+            print(f"[heads] {rows[-1]['head']} offline replay: {r}", flush=True)
         method = native_method(head)
         cfgs = {"ours": vllm_eagle.speculative_kwargs(head, num_speculative_tokens=K, adaptive=False)}
         if not a.no_native:

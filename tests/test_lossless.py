@@ -34,6 +34,7 @@ TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]
 TAU: dict = {}                                             # (K, tree, lookup) -> tau on the shipped head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,tree,lookup,confidence", [(1, "chain", 0, 0), (3, "chain", 0, 0), (5, "chain", 0, 0.2),
                                                       (3, "chain", 5, 0), (8, TREE, 0, 0), (8, "dynamic", 0, 0)])
 def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prompts, vanilla, k, tree, lookup,

@@ -152,6 +152,7 @@ def two_sample_chi2_passes(a: list[int], b: list[int]) -> tuple[bool, float, flo
     return stat < crit, stat, crit
 
 
+@pytest.mark.slow
 def test_smollm2_sampled_token_frequencies_match_vanilla(smollm2, smollm2_head):
     """End to end on SmolLM2 (T=1, top-p 0.95): 600 requests with distinct seeds, vanilla vs EAGLE-2 dynamic trees.
     The 2nd and 3rd emitted tokens (the first ones that go through tree acceptance; the 1st comes from the prefill)

@@ -7,6 +7,8 @@ import pytest
 from benchmarks import soak
 from benchmarks.serving import Server, post, spec_metrics
 
+pytestmark = pytest.mark.slow                     # real model behind `vllm serve`: the full suite only
+
 ARGS = ("--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0")
 PROMPT = "The three most important inventions of the 20th century are"
 CHAT = [{"role": "user", "content": "Give me three tips for writing clean Python code."}]

@@ -48,9 +48,9 @@ def default_target() -> str:
     return _target()
 
 
-def default_head() -> str:
+def default_head(arch: str | None = None) -> str:
     from .assets import default_head as _head
-    return _head()
+    return _head(arch)
 
 
 __all__ = ["register", "speculative_kwargs", "default_target", "default_head", "__version__"]

@@ -61,9 +61,17 @@ def default_target() -> str:
     return out
 
 
-def default_head() -> str:
-    """Folder of the EAGLE-1 head for SmolLM2-135M-Instruct shipped with this package (see its README.md)."""
-    return os.path.join(_HERE, "heads", "smollm2-135m-instruct")
+HEADS = {"eagle1": "smollm2-135m-instruct", "eagle3": "smollm2-135m-instruct-eagle3"}   # shipped, for SmolLM2
+DEFAULT_ARCH = "eagle1"          # the shipped head with the higher tau (each folder's README.md has its figures)
+
+
+def default_head(arch: str | None = None) -> str:
+    """Folder of a head for SmolLM2-135M-Instruct shipped with this package: the default one, or the EAGLE-1
+    ("eagle1") or EAGLE-3 ("eagle3") head (see each folder's README.md)."""
+    name = HEADS.get(arch or DEFAULT_ARCH)
+    if name is None:
+        raise ValueError(f"default_head(arch={arch!r}): the shipped heads are {sorted(HEADS)}")
+    return os.path.join(_HERE, "heads", name)
 
 
 def mtbench_questions() -> list[dict]:
