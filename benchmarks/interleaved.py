@@ -1,6 +1,6 @@
 """Batch 1, paired prompt by prompt: every configuration's engine is alive at once and the prompts go round them in
-turn, so each prompt's speedup is measured against a vanilla run seconds apart, not minutes (this machine drifts by
-10-40 % within a run of benchmarks.run; its b1 shape comparisons of 3 % were noise).
+turn, so each prompt's speedup is measured against a vanilla run seconds apart, not minutes (within a run of
+benchmarks.run the machine drifts by more than the gaps between b1 shapes: docs/notes.md).
 
     python -m benchmarks.interleaved [--trees "[(0,), (1,), (0, 0)]" ...] [--dynamic 4,4,8] [--prompts 16]
 
@@ -10,11 +10,11 @@ a rotated order (its turn t runs engine (i + t) mod n), greedy, max_tokens each,
 engine.
 Per configuration: tokens/s over all prompts, speedup = median over prompts of (its tokens/s / vanilla's on that
 prompt), tau, step ms and our stages per step (benchmarks.run's columns). Markdown + JSON to benchmarks/results.
-Engines created later ran a few percent faster on 2026-12-07 (two identical vanilla engines differed by 10 %): compare
+The order in which the engines are created biases their speed (docs/notes.md, "Trees paired prompt by prompt"): compare
 shapes over a normal and a --reverse-start run. Each tree's row also pairs it with the chain prompt by prompt
 (vs_chain: median ratio, prompts won).
 Run as a script, the engines are in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a multiprocess engine core polls
-its worker, and with five engines alive on two cores that halved every rate (vanilla 10-13 tok/s in fp32 vs ~17).
+its worker, and with several engines alive on a few cores that polling slows every engine (docs/notes.md).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reverse-start", action="store_true",
-                   help="create the engines last config first (engines differ by up to ~10 %% by creation order: "
-                        "vanilla-2 ran 1.10x vanilla on 2026-12-07; a second run reversed shows which gaps survive)")
+                   help="create the engines last config first (creation order biases the engines' speed; a second "
+                        "run reversed shows which gaps survive)")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
     import copy

@@ -6,10 +6,11 @@ Every configuration runs the same prompts in this one process, one engine at a t
 topology: worker on core 0, engine core + front end on core 1), each cell after an untimed 32-token pass of its first
 batch (shapes, the gate's learning), with the median of --reps timed repetitions. Prefix caching is off in every
 configuration: repeated passes over the same prompts would otherwise serve vanilla's, ngram's and native EAGLE's
-prefills from the cache (ours needs it off), an estimated ~10 % of a batch-32 cell (prompt prefill over all work).
+prefills from the cache (ours needs it off), flattering them by the prompt prefill's share of the work (an estimate:
+docs/notes.md).
 `--rounds R` runs the whole list of configurations R times: each round's speedups are taken against that round's
-vanilla, and the table shows per-cell medians over rounds (this machine drifts by 10-40 % within a
-35-minute run, which paired ratios cancel and one vanilla measurement at the start does not). Rows go to
+vanilla, and the table shows per-cell medians over rounds (a machine's speed drifts within a long run, which paired
+ratios cancel and one vanilla measurement at the start does not; docs/notes.md has the drift measured). Rows go to
 benchmarks/results/<date>-<commit>.json; a markdown table and PNG plots sit beside it.
 Per row: tokens/s, speedup over vanilla (same workload, temperature and batch size, same run), tau (mean accepted
 length = 1 + accepted/drafts), per-position acceptance, and for ours the cost model: c = one draft depth over one
@@ -132,7 +133,7 @@ def workloads(tokenizer, names: list[str], n: int) -> dict[str, list[str]]:
     if "sharegpt" in names:
         from vllm_eagle.train.data import HOLDOUT_START, parse_sharegpt
         with open(sharegpt_path(), encoding="utf-8") as f:
-            recs = parse_sharegpt(f.read())         # 11,128 usable conversations, parsed in ~2 s
+            recs = parse_sharegpt(f.read())         # 11,128 usable conversations
         # Held out from head training (conversations before HOLDOUT_START): the last ones, short prompts only.
         picked = [r["prompt"] for r in reversed(recs[HOLDOUT_START:]) if len(r["prompt"]) < 1500][:n]
         out["sharegpt"] = chat_prompts(tokenizer, picked)
@@ -151,9 +152,9 @@ def closed_loop(llm, prompts: list[str], bs: int, sp) -> tuple[int, float, int, 
 
     The steady state ends when the first request finishes with no prompt left to take its place: from then on the
     batch shrinks, and a speculating engine's requests finish unevenly (accepted lengths differ per request), so in a
-    static batch the slowest request sets the wall time. E.g. b8 fixed chain K=2, one wave of 8 requests x 128 tokens:
-    tau 1.52 predicts 85 steps, the last request needed 103, which alone cost that batch 17 % (vanilla's requests all
-    finish at step 128, so its steady state is its whole run).
+    static batch the slowest request sets the wall time. E.g. one wave of 8 requests x 128 tokens at tau 1.52: a
+    request needs 85 steps on average, but the wave lasts as long as its slowest one (a measured case: docs/notes.md,
+    "Benchmark method"); vanilla's requests all finish at step 128, so its steady state is its whole run.
     """
     engine = llm.llm_engine
     queue, done_tokens, live = list(enumerate(prompts)), 0, {}
@@ -183,7 +184,8 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
     from vllm import SamplingParams
     sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)   # unseeded (adapt.py)
     # Untimed warm-up of this cell: first-time shapes and the gate's learning for this batch size and temperature
-    # are paid here, as a long-running server pays them once (in one 100-step batch they cost trees half its speed).
+    # are paid here, as a long-running server pays them once (timed, they would cost a short batch of trees much of
+    # its speed: adapt.py).
     llm.generate(prompts[:bs], SamplingParams(temperature=temperature, max_tokens=min(32, max_tokens), ignore_eos=True),
                  use_tqdm=False)
     rates, batch_rates, before = [], [], spec_counters(llm)
@@ -421,8 +423,7 @@ def save(stem: str, env: dict, cmd: str, target: str, head: str, rows: list[Row]
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke check (< 10 min here): MT-Bench, greedy, bs 1 (2 prompts) and 8, 64 tokens, K=2, "
-                        "no static tree")
+                   help="smoke check: MT-Bench, greedy, bs 1 (2 prompts) and 8, 64 tokens, K=2, no static tree")
     p.add_argument("--target")
     p.add_argument("--head")
     p.add_argument("--workloads", nargs="+", default=["mtbench", "humaneval", "sharegpt"])

@@ -1,7 +1,7 @@
 """Load adaptivity: per step, speculate or not, by the throughput each choice has measured at this batch size.
 
-On a compute-bound device (this CPU) a verify step costs roughly in proportion to the tokens it processes, so a
-draft shape that pays at batch 1 loses at batch 8. Instead of a cost model with constants to tune, the gate measures
+On a compute-bound device (a CPU) a verify step costs roughly in proportion to the tokens it processes, so a
+draft shape that pays at batch 1 can lose at batch 8. Instead of a cost model with constants to tune, the gate measures
 what matters: for each bucket — batch size (running requests 1, 2-3, 4-7, 8-15, ...) and whether any running request
 samples (T > 0 accepts fewer drafts than greedy, so the two must not share estimates) — the tokens emitted per request
 per second, separately for steps that verified drafts (arm "on") and steps that did not ("off"). Each step it picks the
@@ -10,19 +10,20 @@ decision of a bucket, or more rarely when exploring costs more, so that it costs
 the throughput (but at least every `explore_max`-th decision). Output is unaffected either way: an "off" step is a
 plain vanilla step.
 
-An arm's rate is (mean tokens per request per step) / (mean seconds per step), two moving averages: seconds follow
-load quickly (`alpha`), tokens slowly (`alpha_tokens`), because one step's accepted length is noisy — at tau 1.6 half
-the "on" steps emit a single token — while acceptance itself drifts slowly. (An average of per-step rates was the
-first version: at batch 1 its "on" estimate swung +-20 % step to step, fell below "off" after an unlucky run, and then
-refreshed only on exploration steps, so the gate kept a 1.17x win off for two thirds of the steps.) Each average
-starts as the plain mean of its first 1/alpha samples; later, a step under half the average replaces the seconds
-average (nothing makes a step twice as fast, but a stall or a batch of prefills in a rarely explored arm's average
-would otherwise take dozens of explorations to decay). Until the slower arm has `settle` samples it is explored
-every 4th decision — unless the arms are clearly apart (one `apart` times faster) once each has `early` samples:
-then warm-up and settling end at once. Learning is not free: at batch 8 a tree step here costs ~5 plain steps for
-~1.85 tokens, and the full warm-up + settle (20 drafted steps) halved a 100-step batch; clearly apart, it costs 3.
-Simulated batch-1 case (tests/test_adapt.py): alpha_tokens 0.05 kept speculating on 61-85 % of the steps, 0.02 on
-93 % (the most exploring allows).
+An arm's rate is (mean tokens per request per step) / (mean seconds per step), two moving averages: seconds follow load
+quickly (`alpha`), tokens slowly (`alpha_tokens`), because one step's accepted length is noisy — many "on" steps emit a
+single token even where drafting pays — while acceptance itself drifts slowly. (Not an average of per-step rates, the
+first version: its "on" estimate swings widely step to step, and once an unlucky run drops it below "off" it is
+refreshed only on exploration steps, so the gate can keep a real win off for most steps.) Each average starts as the
+plain mean of its first 1/alpha samples; later, a step under half the average replaces the seconds average (nothing
+makes a step twice as fast, but a stall or a batch of prefills in a rarely explored arm's average would otherwise take
+dozens of explorations to decay). Until the slower arm has `settle` samples it is explored every 4th decision — unless
+the arms are clearly apart (one `apart` times faster) once each has `early` samples: then warm-up and settling end at
+once. Learning is not free: where a drafted step costs several plain ones (a tree under load), the full warm-up + settle
+(20 drafted steps) costs a short batch much of its speed; clearly apart, it costs `early` (3) drafted steps.
+`alpha_tokens` is as slow as it is so that the noisy batch-1 case of tests/test_adapt.py
+(test_gate_keeps_a_small_win_despite_noisy_acceptance) keeps speculating on over 90 % of its steps, about the most
+exploring allows. The measurements behind these choices: docs/notes.md, "vllm_eagle/adapt.py".
 
 Vocabulary: a *decision* is made when drafting for the next step; the *measurement* of that decision is the interval
 from its drafting call to the next one (drafting + the verify/decode step) and the tokens that step emitted per
@@ -33,8 +34,8 @@ cannot draft land in both arms alike.
 Worked example: bucket 8-15 has measured on: 1.5 tokens per request in 0.20 s per step -> 7.5 tok/req/s; off: 1.0 in
 0.085 s -> 11.8: the gate says off; "on" is 1.57x slower. One "on" step takes 0.20 / 0.085 = 2.35 "off" steps and
 emits what 1.5 of them would, so exploring costs 2.35 * (1 - 1 / 1.57) = 0.85 "off" steps, and it explores every
-max(16, 0.85 / 0.03 = 29) = 29th decision. (A tree step at b32 here: 5 plain steps for 1.85 tokens -> cost 3.15,
-every 105th; counting (slow - 1) = 1.7 instead, as the gate first did, explored every 57th and lost 5.5 %.)
+max(16, 0.85 / 0.03 = 29) = 29th decision. (A step that takes 5 plain steps for 1.85 tokens: cost 3.15, every
+105th; counting (slow - 1) = 1.7 instead, as the gate first did, explores every 57th and loses 3.15 / 57 = 5.5 %.)
 """
 from __future__ import annotations
 
@@ -86,9 +87,8 @@ class SpeculationGate:
     @staticmethod
     def comparable(decided: frozenset, now: list) -> bool:
         """Whether the step after a decision measures it: the requests running now are some of those it was made for.
-        A request that joined in between brought its prefill into the interval (at b32 a 1-request decision's
-        interval once held 32 prefills and cut that bucket's "on" estimate 18x); one that went idle in between has
-        no step at all; finished requests only leave."""
+        A request that joined in between brought its prefill into the interval (one such sample can wreck a
+        bucket's estimate); one that went idle in between has no step at all; finished requests only leave."""
         return bool(now) and decided.issuperset(now)
 
     def record(self, num_reqs: int, speculated: bool, step_s: float, tokens_per_req: float,

@@ -8,7 +8,7 @@ import time
 
 
 def _env() -> None:
-    # The CPU backend needs an explicit KV budget here (the VM's NUMA node under-reports memory); no hub access.
+    # The CPU backend needs an explicit KV budget (a VM's NUMA node may under-report memory); no hub access.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -14,8 +14,8 @@ CONFIG_KEY = "vllm_eagle"                        # our entry in vLLM's --additio
 DYNAMIC = "dynamic"
 # EAGLE-2 dynamic tree defaults on this CPU: verify cost grows with tree nodes (v(N)), so the budget stays small.
 DYNAMIC_DEFAULTS = {"depth": 4, "top_k": 4, "total_tokens": 8}
-# With the shipped head, K=2 is the fastest chain on this CPU: 1.16x vanilla at batch 1 vs 1.06x at K=3
-# (benchmarks/results/2026-12-02-d039c83.md, 3 paired rounds).
+# K=2: the fastest chain at batch 1 when it was chosen (K=2 vs K=3, paired rounds: docs/notes.md, "The default chain
+# length", which also notes that it predates the current head).
 CHAIN_DEFAULT_K = 2
 MAX_DYNAMIC_TOP_K = 16
 

@@ -82,7 +82,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             tree.recomputed_trees = len(todo)
         paths, recompute = tree.plans[plan_key]
         out = output.view(-1, self.num_heads, self.head_size)
-        for src, dst in paths.pages:                            # a loop of plain copies: 3x faster than index ops
+        for src, dst in paths.pages:                            # a loop of plain copies: faster than index ops
             kv_cache[dst].copy_(kv_cache[src])
         if len(paths.slot_src):
             if paths.slot_index is None:
@@ -318,7 +318,7 @@ def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "Tree
     G = query.shape[1] // H
     k, v = gather_kv(kv_cache, plan.blocks, isa)                          # [R, H, P, hs]: prefix and nodes
     # Query head h reads KV head h // G: fold each KV head's G query heads into its rows (plain multi-head
-    # attention over num_kv_heads, G * N rows, no K/V expansion: 2x faster than enable_gqa here).
+    # attention over num_kv_heads, G * N rows, no K/V expansion: faster than enable_gqa; docs/notes.md).
     q = query[plan.query_rows].view(R, N, H, G, hs).permute(0, 2, 3, 1, 4).reshape(R, H, G * N, hs)
     o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=plan.bias, scale=scale)
     o = o.view(R, H, G, N, hs).permute(0, 3, 1, 2, 4).reshape(R * N, H * G, hs)   # [R * N, num_heads, hs]
