@@ -463,8 +463,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ->   [B, Tq, nh*hd]
 
     Drafting asks few queries (Tq <= 16: a tree depth's nodes) against a long prefix: there each KV head's group of
-    query heads takes one fp32 matmul over the keys, without repeating K/V per query head (bf16 SDPA with a mask
-    cost 0.43 ms per depth at batch 1 here, this 0.08 ms). Training's long queries go to SDPA.
+    query heads takes one fp32 matmul over the keys, without repeating K/V per query head (several times faster than
+    a masked bf16 SDPA at batch 1; docs/notes.md). Training's long queries go to SDPA.
     """
     B, Tq, nh, hd = q.shape
     nkv = k.shape[2]
