@@ -41,8 +41,11 @@ def generate(argv: list[str]) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--compare", action="store_true", help="also run vanilla vLLM and print the speedup")
+    p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs (default: warnings only)")
     a = p.parse_args(argv)
     _env()
+    if not a.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")     # read when vllm is first imported, below
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from .assets import chat_prompts, mtbench_questions
@@ -61,7 +64,7 @@ def generate(argv: list[str]) -> None:
         llm.generate(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)           # warm-up
         before = spec_counters(llm)
         t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
+        outs = llm.generate(prompts, sp, use_tqdm=True)
         dt = time.perf_counter() - t
         after = spec_counters(llm)
         n = sum(len(o.outputs[0].token_ids) for o in outs)
