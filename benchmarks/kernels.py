@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=50)
     a = p.parse_args(argv)
-    import kernels
-    from kernels import reference
+    from vllm_eagle import kernels
+    from vllm_eagle.kernels import reference
     from vllm_eagle.acceptance import child_tables
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)

@@ -189,7 +189,8 @@ def measure(llm, cfg: Config, prompts: list[str], bs: int, temperature: float, m
     llm.generate(prompts[:bs], SamplingParams(temperature=temperature, max_tokens=min(32, max_tokens), ignore_eos=True),
                  use_tqdm=False)
     rates, batch_rates, before = [], [], spec_counters(llm)
-    eagle_before = llm.collective_rpc("eagle_stats", kwargs={"reset": True})[0] if cfg.name.startswith("ours") else {}
+    if cfg.name.startswith("ours"):
+        llm.collective_rpc("eagle_stats", kwargs={"reset": True})     # counters of this cell from 0
     wall = 0.0
     for _ in range(reps):
         n_steady, t_steady, n, dt = closed_loop(llm, prompts, bs, sp)

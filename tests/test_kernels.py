@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from kernels import acceptance, reference, tree_mask
+from vllm_eagle.kernels import acceptance, reference, tree_mask
 from vllm_eagle.tree import compile_tree
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -19,7 +19,7 @@ def _interpret(monkeypatch):
 
 
 def test_wrappers_use_the_reference_without_opt_in(monkeypatch):
-    from kernels._triton import use_triton
+    from vllm_eagle.kernels._triton import use_triton
     monkeypatch.delenv("VLLM_EAGLE_TRITON_INTERPRET")
     assert not use_triton(torch.zeros(1))
 

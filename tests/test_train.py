@@ -10,7 +10,7 @@ from vllm import SamplingParams
 
 import vllm_eagle
 from vllm_eagle.draft_head import EagleHead, HeadConfig, attend, load_draft_vocab
-from vllm_eagle.train.data import DataFormatError, Example, parse_jsonl, parse_sharegpt, tokenize
+from vllm_eagle.train.data import DataFormatError, Example, parse_jsonl, parse_sharegpt
 from vllm_eagle.train.rollout import rollout
 from vllm_eagle.train.train_head import PRESETS, capture_features, train
 

@@ -102,7 +102,7 @@ def test_two_tree_requests_in_one_step():
 
 def test_tree_shapes_survive_the_cache_filling_up(monkeypatch):
     """A full cache is emptied, and the call that fills it still returns every shape it asked for, old and new."""
-    from kernels.reference import build_tree_masks
+    from vllm_eagle.kernels.reference import build_tree_masks
     monkeypatch.setattr(verify, "_SHAPES", {})
     monkeypatch.setattr(verify, "_MAX_SHAPES", 2)
     verify.tree_shapes([(-1, 0, 1, 0), (-1, 0)])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import tree_accept
+from vllm_eagle.kernels import tree_accept
 
 from .tree import child_links
 from .verify import TreeStep

@@ -81,11 +81,27 @@ def generate(argv: list[str]) -> None:
         print(f"vanilla vLLM: {base_tps:.1f} tokens/s -> speedup {tps / base_tps:.2f}x")
 
 
+def bench(argv: list[str]) -> None:
+    # benchmarks/ is not installed: it lives in the source checkout, next to the vllm_eagle/ folder
+    # of an editable install (a console script's sys.path does not hold the current directory).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "benchmarks", "run.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from benchmarks.run import main as run_main
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":
+            raise
+        sys.exit("vllm-eagle bench runs benchmarks/, which is not installed: use an editable install "
+                 "of the source checkout, or python -m benchmarks.run from its root")
+    run_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmds = {"generate": generate, "train": lambda rest: __import__("vllm_eagle.train.train_head", fromlist=["main"]).main(rest),
             "corpus": lambda rest: __import__("vllm_eagle.train.corpus", fromlist=["main"]).main(rest),
-            "bench": lambda rest: __import__("benchmarks.run", fromlist=["main"]).main(rest)}
+            "bench": bench}
     if not argv or argv[0] not in cmds:
         print("usage: vllm-eagle {generate,train,corpus,bench} [options]  (see vllm-eagle CMD --help)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -53,7 +53,7 @@ def tree_shapes(parents: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, torc
     """(depth [n] int32, ancestors [n, n] bool) of each parent list, built by the mask kernel in one batch for the
     shapes not seen before and remembered (the cache is emptied when full). E.g. (-1, 0, 1, 0) -> depth [0, 1, 2,
     1], ancestors rows [1,0,0,0], [1,1,0,0], [1,1,1,0], [1,0,0,1]."""
-    from kernels import build_tree_masks
+    from vllm_eagle.kernels import build_tree_masks
     new = list(dict.fromkeys(p for p in parents if p not in _SHAPES))
     if new:
         if len(_SHAPES) + len(new) > _MAX_SHAPES:

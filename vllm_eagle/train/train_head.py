@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -65,8 +64,8 @@ PRESETS = {
                                 steps=900, cls_fraction=0.5),
     # EAGLE-3 from the shipped corpus: 7-step training-time test, soft cross-entropy over the draft vocabulary.
     "smollm2-135m-eagle3": TrainConfig(arch="eagle3", corpus=os.path.join(CORPORA, "smollm2-135m-instruct"),
-                                       num_conversations=0, num_heldout=100, max_len=768, batch_tokens=2048,
-                                       steps=1200, rollout_steps=7, lr=5e-4, noise=0.0),
+                                       num_conversations=0, num_heldout=100, max_len=384, batch_tokens=2048,
+                                       steps=320, rollout_steps=7, lr=1e-3, warmup=20, noise=0.0),
     "tiny-eagle3": TrainConfig(arch="eagle3", num_conversations=24, num_heldout=4, max_len=96, batch_tokens=512,
                                steps=60, lr=3e-3, draft_vocab_size=256, rollout_steps=3, warmup=3, noise=0.0,
                                checkpoint_minutes=0.0),
