@@ -380,7 +380,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     sources = build_sources(target, tok, cfg, data, data_path, work_dir)
     times["data_s"] = time.time() - t0
     t1 = time.time()
-    held, train_ex, train_f = {}, [], []
+    held, train_ex, train_f, sizes = {}, [], [], {}
     for name, records in sources.items():
         path = os.path.join(work_dir, f"features-{name}{'-eagle3' if layers else ''}.pt")
         if os.path.exists(path):
@@ -400,6 +400,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
             feats = capture_features(model, examples, layers=layers)
             torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
                         "features": feats}, path)
+        sizes[name] = len(examples)
         n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
         held[name] = (examples[:n_held], feats[:n_held])
         train_ex += examples[n_held:]
@@ -484,7 +485,8 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
                    for name, (ex, f) in held.items()}
     times["eval_s"] = time.time() - t2
     summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
-               "init": init, "sources": {name: len(r) if r else len(held[name][0]) for name, r in sources.items()},
+               "init": init, "sources": {name: len(r) for name, r in sources.items() if r},
+               "examples": sizes,
                "train_examples": len(train_ex), "train_tokens": sum(len(e.tokens) for e in train_ex),
                "train_answer_tokens": sum(int(e.answer_mask.sum()) for e in train_ex),
                "heldout_examples": {name: len(ex) for name, (ex, _) in held.items()},
