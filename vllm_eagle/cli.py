@@ -38,7 +38,8 @@ def generate(argv: list[str]) -> None:
                    help="chains: cut head drafts whose cumulative draft probability is below P (0 = off)")
     p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="default: bfloat16 on CPUs with AVX512-BF16 or AMX, else float32 (faster there)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--compare", action="store_true", help="also run vanilla vLLM and print the speedup")
     p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs (default: warnings only)")
@@ -49,6 +50,9 @@ def generate(argv: list[str]) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from .assets import chat_prompts, mtbench_questions
+    if a.dtype is None:
+        from .train.train_head import has_bf16_matmul
+        a.dtype = "bfloat16" if has_bf16_matmul() else "float32"
     target = a.target or vllm_eagle.default_target()
     head = a.head or vllm_eagle.default_head()
     dyn = {"depth": a.depth, "top_k": a.top_k} if a.tree == "dynamic" else {}
