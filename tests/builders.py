@@ -122,3 +122,12 @@ def make_eagle3_head(target: str, out: str, layers: tuple[int, ...], oracle: boo
             head.lm_head.weight.copy_(lm)
     export(head, tc, out, "EAGLE-3 test head\n")
     return out
+
+
+def write_loop_data(path) -> str:
+    """A 40-record JSONL of {"prompt", "answer"} (short loops) that the tiny training presets learn from."""
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"write a loop number {i}",
+                                "answer": "for i in range(10):\n    print(i)\n" * (1 + i % 3)}) + "\n")
+    return str(path)

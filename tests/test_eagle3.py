@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 
 import vllm_eagle
-from builders import make_eagle3_head, make_oracle_pair, make_tiny_llama
+from builders import make_eagle3_head, make_oracle_pair, make_tiny_llama, write_loop_data
 from vllm_eagle.draft import commit_entries, draft_chain
 from vllm_eagle.draft_head import HeadConfigError, check_head_matches_target, load_head, read_config
 from vllm_eagle.draft_kv import DraftKVCache
@@ -192,14 +192,9 @@ def tiny3_trained(tiny4, tmp_path_factory):
 
     from vllm_eagle.train.train_head import PRESETS, train
     d = tmp_path_factory.mktemp("train3")
-    data = d / "data.jsonl"
-    with open(data, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"write a loop number {i}",
-                                "answer": "for i in range(10):\n    print(i)\n" * (1 + i % 3)}) + "\n")
     out = str(d / "head")
     return out, train(tiny4, out, replace(PRESETS["tiny-eagle3"], feature_layers=LAYERS), data="jsonl",
-                      data_path=str(data))
+                      data_path=write_loop_data(d / "data.jsonl"))
 
 
 def test_tiny_eagle3_preset_learns_and_writes_vllm_layout(tiny3_trained, tiny4):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from builders import write_loop_data
 from conftest import generate_ids
 from vllm import SamplingParams
 
@@ -97,13 +98,8 @@ def test_rollout_matches_step_by_step_recompute():
 @pytest.fixture(scope="module")
 def tiny_trained(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    data = d / "data.jsonl"
-    with open(data, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"write a loop number {i}",
-                                "answer": "for i in range(10):\n    print(i)\n" * (1 + i % 3)}) + "\n")
     out = str(d / "head")
-    return out, train(tiny, out, PRESETS["tiny"], data="jsonl", data_path=str(data))
+    return out, train(tiny, out, PRESETS["tiny"], data="jsonl", data_path=write_loop_data(d / "data.jsonl"))
 
 
 def test_tiny_preset_learns_and_writes_official_layout(tiny_trained, tiny):
