@@ -407,7 +407,12 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         train_f += feats[n_held:]
     times["features_s"] = time.time() - t1
     del model
-    top1 = target_top1(lm_head.to(COMPUTE_DTYPE), train_f, H) if cfg.arch == "eagle3" else None
+    top1 = held_top1 = None
+    if cfg.arch == "eagle3":                             # the target's argmax everywhere, once, for loss and eval
+        lm_target = lm_head.to(COMPUTE_DTYPE)
+        top1 = target_top1(lm_target, train_f, H)
+        held_top1 = {name: target_top1(lm_target, f, H) for name, (_, f) in held.items()}
+        del lm_target
     # EAGLE-3 drafts the target's argmax, so its draft vocabulary is the target's most frequent argmax tokens on
     # answer positions (= the answers' tokens for self-distilled text); EAGLE-1's, the answers' most frequent tokens.
     scored = train_ex if top1 is None else [Example(t, F.pad(e.answer_mask[1:], (0, 1))) for t, e in zip(top1, train_ex)]
@@ -427,14 +432,11 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         lm_rows = lm_head[ids].to(COMPUTE_DTYPE)                                   # [D, H]
         in_vocab = torch.zeros(head.cfg.vocab_size, dtype=torch.bool)
         in_vocab[ids] = True
-        held_top1 = {name: target_top1(lm_head.to(COMPUTE_DTYPE), f, H) for name, (_, f) in held.items()}
 
         def objective(examples, feats, tops):
             return lambda idx, train: ttt_losses(head, lm_rows, in_vocab, cfg, *collate(idx, examples, feats, embed),
                                                  pad_rows(idx, tops), train=train)
     else:
-        held_top1 = {}
-
         def objective(examples, feats, tops):
             return lambda idx, train: step_losses(head, lm_head, vocab, cfg, *collate(idx, examples, feats, embed),
                                                   train=train)
@@ -481,7 +483,7 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     t2 = time.time()
     head.eval()
     with torch.no_grad():
-        heldout = {name: [round(x, 4) for x in evaluate(objective(ex, f, held_top1.get(name)), cfg, ex)]
+        heldout = {name: [round(x, 4) for x in evaluate(objective(ex, f, None if held_top1 is None else held_top1[name]), cfg, ex)]
                    for name, (ex, f) in held.items()}
     times["eval_s"] = time.time() - t2
     summary = {"config": asdict(cfg), "target": os.path.basename(os.path.normpath(target)), "data": data,
