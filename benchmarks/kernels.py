@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     from vllm_eagle import kernels
     from vllm_eagle.kernels import reference
-    from vllm_eagle.acceptance import child_tables
+    from vllm_eagle.tree import child_links
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "reference_us": timed(lambda: reference.build_tree_masks(parent, n), a.reps),
                      "wrapper_us": timed(lambda: kernels.build_tree_masks(parent.to(device), n.to(device)), a.reps)})
         V = 1000
-        fc, ns = child_tables([parent[b, : int(n[b])] for b in range(B)], N)
+        links = [child_links(parent[b].tolist()[: int(n[b])]) for b in range(B)]      # -1 padded to N
+        fc, ns = (torch.tensor([x + [-1] * (N - len(x)) for x in col], dtype=torch.int32) for col in zip(*links))
         cand = torch.randint(0, V, (B, N), generator=g)
         argmax = torch.randint(0, V, (B, N), generator=g)
         probs = torch.rand(B, N, V, generator=g).softmax(-1)
@@ -108,13 +109,12 @@ def tree_attention_rows(reps: int) -> list[dict]:
     from vllm.v1.attention.backends import cpu_attn
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
     from vllm_eagle.tree import compile_tree
-    from vllm_eagle.tree_attention import TreeCPUAttentionImpl
+    from vllm_eagle.tree_attention import TreeAttentionState, TreeAttentionStep, TreeCPUAttentionImpl
     from vllm_eagle.verify import TreeRow, TreeStep
     from benchmarks.run import DEFAULT_TREE
     H_Q, H_KV, D, BS, L, dtype = 9, 3, 64, 128, 300, torch.bfloat16
     tree = compile_tree(DEFAULT_TREE)
     n, nb = tree.num_nodes, -(-(L + tree.num_nodes) // BS)
-    ancestors = (tree.ancestors[:, None] >> torch.arange(n)) & 1 == 1
     config = cpu_attn.get_current_vllm_config
     cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))
     try:
@@ -136,14 +136,12 @@ def tree_attention_rows(reps: int) -> list[dict]:
                 query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False))
         q, k = torch.randn(R * n, H_Q, D).to(dtype), torch.randn(R * n, H_KV, D).to(dtype)
         out, layer = torch.empty_like(q), SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
-        step = TreeStep([TreeRow(r, f"r{r}", r * n, L, tree.parent, torch.zeros(n, dtype=torch.long), ancestors)
-                         for r in range(R)], torch.zeros(R * n, dtype=torch.long))
+        layout = TreeStep(tuple(TreeRow(r, f"r{r}", r * n, L, tree, torch.zeros(n, dtype=torch.long))
+                                for r in range(R)), torch.zeros(R * n, dtype=torch.long))
         meta.tree = None
         stock = timed(lambda: impls[0].forward(layer, q, k, k, kv, meta, out), reps)
         for route, blocks in (("paths", torch.arange(R * nb, R * nb + scratch)), ("recompute", torch.arange(0))):
-            step.scratch, meta.tree = blocks, step
-            step.plans.clear()
-            step.private = {}                           # no mirrors left from the other route
+            meta.tree = TreeAttentionStep(layout, TreeAttentionState(blocks))     # no mirrors from the other route
             rows.append({"kernel": "tree attention layer", "reference_us": stock,
                          "shape": f"bf16 vec, {R} x (L={L} + {n - 1} nodes), {route}",
                          "wrapper_us": timed(lambda: impls[1].forward(layer, q, k, k, kv, meta, out), reps)})

@@ -47,21 +47,27 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
     head = request.getfixturevalue(fixture)
     with pytest.raises(EagleOptionError, match=field):
         vllm_eagle.speculative_kwargs(head, target=tiny)
-    # Without target= the check runs when the worker loads the head: the engine refuses to start, naming the field.
-    with pytest.raises(Exception, match=field):
-        make_llm(tiny, vllm_eagle.speculative_kwargs(head))
+    # Without target= the check runs where LLM(...) builds the engine's config (patches P6), before any engine
+    # process exists: the caller gets HeadConfigError itself, naming the field.
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm_eagle.draft_head import HeadConfigError
+    spec = vllm_eagle.speculative_kwargs(head)
+    with pytest.raises(HeadConfigError, match=field):
+        EngineArgs(model=tiny, dtype="float32", **spec).create_engine_config()
+    with pytest.raises(HeadConfigError, match=field):
+        make_llm(tiny, spec)
 
 
 def test_prefix_caching_is_refused_at_start(tiny, tiny_random_head):
     spec = {**vllm_eagle.speculative_kwargs(tiny_random_head), "enable_prefix_caching": True}
-    with pytest.raises(Exception, match="needs prefix caching off.*--no-enable-prefix-caching"):
+    with pytest.raises(EagleOptionError, match="needs prefix caching off.*--no-enable-prefix-caching"):
         make_llm(tiny, spec)
 
 
 def test_unknown_plugin_option_is_refused(tiny, tiny_random_head):
     spec = vllm_eagle.speculative_kwargs(tiny_random_head)
     spec["additional_config"]["vllm_eagle"]["treee"] = "dynamic"
-    with pytest.raises(Exception, match=r"unknown vllm_eagle option\(s\) \['treee'\]"):
+    with pytest.raises(EagleOptionError, match=r"unknown vllm_eagle option\(s\) \['treee'\]"):
         make_llm(tiny, spec)
 
 

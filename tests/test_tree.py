@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from vllm_eagle import verify
 from vllm_eagle.tree import TreeSpecError, chain, compile_tree
 from vllm_eagle.verify import build_tree_step
 
@@ -81,37 +80,39 @@ def test_two_tree_requests_in_one_step():
     trees = {"a": compile_tree("[(0,), (1,), (0, 0)]"), "c": compile_tree("[(0,), (1,), (2,), (0, 0)]"),
              "d": compile_tree("[(0,), (1,), (1, 0), (2,)]")}
     spec = {"a": [11, 12, 13], "c": [21, 22], "d": [31, 32, 33]}
-    verify._SHAPES.clear()                                  # shapes built by the mask kernel, then remembered
     step, again = (build_tree_step(["a", "b", "c", "d"], torch.tensor([0, 4, 9, 12, 16]),
                                    torch.tensor([7, 0, 20, 3]), spec, trees, num_tokens=16) for _ in range(2))
-    assert set(verify._SHAPES) == {(-1, 0, 1, 0), (-1, 0, 0, 2)}
     assert torch.equal(again.pos_delta, step.pos_delta)
-    assert all(x.ancestors is y.ancestors for x, y in zip(step.rows, again.rows))     # remembered, not rebuilt
+    assert all(x.tree is y.tree for x, y in zip(step.rows, again.rows))         # kept prefixes compiled once
     a, d = step.rows
+    assert a.tree is trees["a"] and d.tree is compile_tree("[(0,), (1,), (1, 0)]")
     assert (a.req_index, a.req_id, a.start, a.prefix_len) == (0, "a", 0, 7)
     assert (d.req_index, d.req_id, d.start, d.prefix_len) == (3, "d", 12, 3)
-    assert a.parent.tolist() == [-1, 0, 1, 0] and d.parent.tolist() == [-1, 0, 0, 2]
+    assert a.tree.parent.tolist() == [-1, 0, 1, 0] and d.tree.parent.tolist() == [-1, 0, 0, 2]
     assert a.tokens.tolist() == [0, 11, 12, 13] and d.tokens.tolist() == [0, 31, 32, 33]   # root: placeholder
-    assert a.ancestors.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
-    assert d.ancestors.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
+    assert a.tree.mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    assert d.tree.mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
     # slot offset - depth: a's node 3 (depth 1) sits in slot L+3, so its position is 2 below its slot;
     # d's nodes 2 (depth 1) and 3 (depth 2) are 1 below theirs
     assert step.pos_delta.tolist() == [0, 0, 0, 2] + [0] * 5 + [0] * 3 + [0, 0, 1, 1]
     assert build_tree_step(["c"], torch.tensor([0, 3]), torch.tensor([20]), {"c": [21, 22]}, trees, 3) is None
 
 
-def test_tree_shapes_survive_the_cache_filling_up(monkeypatch):
-    """A full cache is emptied, and the call that fills it still returns every shape it asked for, old and new."""
+def test_trees_are_compiled_once_and_their_prefixes_index_the_same_data():
+    """compile_tree remembers its trees (any input order, string or list); a prefix is the tree of the first paths
+    in preorder, compiled once too; the masks are the mask kernel's reference for the same parents."""
     from vllm_eagle.kernels.reference import build_tree_masks
-    monkeypatch.setattr(verify, "_SHAPES", {})
-    monkeypatch.setattr(verify, "_MAX_SHAPES", 2)
-    verify.tree_shapes([(-1, 0, 1, 0), (-1, 0)])
-    got = verify.tree_shapes([(-1, 0, 1, 0), (-1, 0, 0)])                  # 2 cached + 1 new > 2: emptied first
-    assert set(verify._SHAPES) == {(-1, 0, 1, 0), (-1, 0, 0)}
-    for p, (depth, ancestors) in zip([(-1, 0, 1, 0), (-1, 0, 0)], got):
-        want_depth, _, want_mask = build_tree_masks(torch.tensor([p], dtype=torch.int32),
-                                                    torch.tensor([len(p)], dtype=torch.int32))
-        assert torch.equal(depth, want_depth[0]) and torch.equal(ancestors, want_mask[0])
+    spec = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"
+    t = compile_tree(spec)
+    assert compile_tree([(1,), (0, 1), (0,), (0, 0, 0), (0, 0)]) is t and t.prefix(t.num_nodes) is t
+    for n in range(1, t.num_nodes + 1):
+        p = t.prefix(n)
+        assert p is t.prefix(n) and p.paths == t.paths[:n] and torch.equal(p.parent, t.parent[:n])
+        assert torch.equal(p.depth, t.depth[:n]) and torch.equal(p.mask, t.mask[:n, :n])
+        assert p.is_chain == (n <= 4)                                    # nodes (), (0,), (0, 0), (0, 0, 0)
+        depth, ancestors, mask = build_tree_masks(p.parent[None].contiguous(), torch.tensor([n], dtype=torch.int32))
+        assert torch.equal(p.depth, depth[0]) and torch.equal(p.ancestors, ancestors[0])
+        assert torch.equal(p.mask, mask[0])
 
 
 def test_accept_on_the_two_tree_step():

@@ -1,5 +1,6 @@
 """Tree attention on the CPU backend at op level (no engine): the ISA-specific page layout round-trips, tree rows
 equal per-branch chain attention through vLLM's own kernel, and slot copies move exactly the tokens asked for."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,9 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm_eagle import kv_layout
 from vllm_eagle.kv_layout import copy_kv_slots, gather_kv
 from vllm_eagle.tree import chain, compile_tree
-from vllm_eagle.tree_attention import (PrivateBlocks, TreeCPUAttentionBackend, TreeCPUAttentionImpl,
-                                      plan_tree_attention, plan_tree_paths, register_tree_attention, tree_segments)
+from vllm_eagle.tree_attention import (PrivateBlocks, TreeAttentionState, TreeAttentionStep, TreeCPUAttentionBackend,
+                                      TreeCPUAttentionImpl, plan_tree_attention, plan_tree_paths,
+                                      register_tree_attention, tree_segments)
 from vllm_eagle.verify import TreeRow, TreeStep
 
 BLOCK, D, H_KV, H_Q, NUM_BLOCKS = 32, 64, 3, 9, 24     # odd head counts: 3 query heads per KV head
@@ -70,7 +72,7 @@ def _attend(impl, reqs, dtype, isa, tree=None, scratch=0):
     kv_cache, block_table, slots = _paged([(k, v) for k, v, _ in reqs], dtype, isa)
     if tree is not None:
         used = {int(block_table[r, b]) for r, (k, _, _) in enumerate(reqs) for b in range(-(-len(k) // BLOCK))}
-        tree.scratch = torch.tensor([b for b in range(NUM_BLOCKS) if b not in used][:scratch])
+        tree.state.scratch = torch.tensor([b for b in range(NUM_BLOCKS) if b not in used][:scratch])
         tree.plans.clear()
     return _forward(impl, reqs, kv_cache, block_table, slots, dtype, isa, tree)
 
@@ -98,10 +100,12 @@ def _forward(impl, reqs, kv_cache, block_table, slots, dtype, isa, tree):
 
 
 def _tree_row(buf, req_index, start, prefix_len):
-    n = buf.num_nodes
-    ancestors = (buf.ancestors[:, None] >> torch.arange(n)) & 1 == 1    # bitset -> [n, n] bool
-    return TreeRow(req_index=req_index, req_id=f"req-{req_index}", start=start, prefix_len=prefix_len,
-                   parent=buf.parent, tokens=torch.zeros(n, dtype=torch.int64), ancestors=ancestors)
+    return TreeRow(req_index=req_index, req_id=f"req-{req_index}", start=start, prefix_len=prefix_len, tree=buf,
+                   tokens=torch.zeros(buf.num_nodes, dtype=torch.int64))
+
+
+def _tree_step(rows, pos_delta, state=None):
+    return TreeAttentionStep(TreeStep(tuple(rows), pos_delta), state or TreeAttentionState())
 
 
 def gathered(kv_cache, block_row, length, isa):
@@ -150,7 +154,7 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
     for row, buf in zip(rows, bufs):
         pos_delta[row.start: row.start + row.num_nodes] = torch.arange(row.num_nodes) - buf.depth
     kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), reqs, dtype, isa)
-    step = TreeStep(rows, pos_delta)
+    step = _tree_step(rows, pos_delta)
     got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, step, scratch)
     branches, owners = [], []                                   # owners[b] = (query row of each branch node)
     for row, buf in zip(rows, bufs):
@@ -175,7 +179,7 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     # L = 30: path 0, 1, 4's positions 31..32 cross a block boundary (two private blocks for it).
     layout = [(45, tree), (20, None), (30, line), (1, tree), (30, tree)]
     got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
-    rows = step.rows
+    rows = step.layout.rows
     assert step.recomputed_trees == {0: 3, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
     plain = slice(rows[0].start + rows[0].num_nodes, rows[1].start)    # the request without a TreeRow
@@ -199,16 +203,18 @@ def test_depth_1_trees(dtype, isa, monkeypatch):
 
 
 def test_tree_segments_cut_a_tree_into_paths():
-    assert tree_segments([-1, 0, 0, 1, 1, 3]) == [[0, 1, 3, 5], [4], [2]]                # the docstring's example
-    assert tree_segments(compile_tree(TREE).parent.tolist()) == [[0, 1, 2, 3], [4], [5]]  # preorder: consecutive
-    assert tree_segments(chain(3).parent.tolist()) == [[0, 1, 2, 3]]
-    assert tree_segments([-1, 0, 0, 0]) == [[0, 1], [2], [3]]                           # depth 1: one per child
-    # a wider, deeper tree: one segment per leaf, every node in exactly one segment, each a first-child run
+    assert tree_segments(compile_tree(TREE)) == [([0, 1, 2, 3], [0, 1, 2, 3]), ([4], [0, 1, 4]), ([5], [0, 5])]
+    assert tree_segments(chain(3)) == [([0, 1, 2, 3], [0, 1, 2, 3])]
+    assert tree_segments(compile_tree("[(0,), (1,), (2,)]")) == [([0, 1], [0, 1]), ([2], [0, 2]), ([3], [0, 3])]
+    # a wider, deeper tree: one segment per leaf, every node in exactly one segment, each a first-child run that
+    # ends its root-to-leaf path
     big = compile_tree("[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]")
-    segs, parent = tree_segments(big.parent.tolist()), big.parent.tolist()
-    assert sorted(i for s in segs for i in s) == list(range(big.num_nodes))
-    assert len(segs) == sum(1 for i in range(big.num_nodes) if i not in parent)
-    assert all(parent[b] == a for s in segs for a, b in zip(s, s[1:]))
+    cut, parent = tree_segments(big), big.parent.tolist()
+    assert [i for seg, _ in cut for i in seg] == list(range(big.num_nodes))
+    assert len(cut) == sum(1 for i in range(big.num_nodes) if i not in parent)
+    assert all(parent[b] == a for seg, _ in cut for a, b in zip(seg, seg[1:]))
+    assert all(path[-len(seg):] == seg and parent[path[0]] == -1 and all(parent[b] == a for a, b in zip(path, path[1:]))
+               for seg, path in cut)
 
 
 def test_tree_paths_plan_is_the_worked_example(monkeypatch):
@@ -230,7 +236,7 @@ def test_tree_paths_plan_is_the_worked_example(monkeypatch):
     assert plan.slot_src.tolist() == [3 * 32 + 17, 3 * 32 + 18]
     assert plan.slot_dst.tolist() == [22 * 32 + 15, 21 * 32 + 14]
     assert plan.recompute == set() and private.free == [20]
-    row.prefix_len, md.seq_lens = 47, torch.tensor([10, 53], dtype=torch.int32)
+    row, md.seq_lens = dataclasses.replace(row, prefix_len=47), torch.tensor([10, 53], dtype=torch.int32)
     nxt = plan_tree_paths([row], md, BLOCK, private, 2, impl, torch.float32, "vec")
     assert nxt.pages == [] and nxt.metadata.block_table.tolist() == [[5, 0], [7, 3], [7, 22], [7, 21]]
     # mirror 22: offsets 14, 15 (L 47 is offset 15) committed, then path 0, 1, 4 at 16, 17; mirror 21: 14, 15, 16
@@ -244,10 +250,6 @@ def test_tree_paths_plan_is_the_worked_example(monkeypatch):
     assert sorted(private.free) == [20, 21, 22] and private.mirrors == {}
     short = plan_tree_paths([row], md, BLOCK, PrivateBlocks([20]), 1, impl, torch.float32, "vec")
     assert short.recompute == {1} and short.metadata is None and short.pages == []
-    bfs = _tree_row(compile_tree(TREE), 1, 2, 45)
-    bfs.parent = torch.tensor([-1, 0, 0, 1, 1, 3], dtype=torch.int32)      # not preorder: segments not consecutive
-    with pytest.raises(RuntimeError, match="not in preorder"):
-        plan_tree_paths([bfs], md, BLOCK, PrivateBlocks([20, 21, 22]), 1, impl, torch.float32, "vec")
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)
@@ -261,7 +263,7 @@ def test_mirrors_follow_a_request_across_steps(dtype, isa, monkeypatch):
     slot = lambda pos: block_table[0, pos // BLOCK].long() * BLOCK + pos % BLOCK      # noqa: E731
     k, v = _seq(3 * BLOCK, dtype)
     kv_cache = torch.zeros(NUM_BLOCKS, H_KV, BLOCK, 2 * D, dtype=dtype)
-    private, written = {}, 0
+    state, written = TreeAttentionState(torch.tensor([20, 21, 22, 23])), 0
     for step, L, pages in ((1, 40, 2), (2, 43, 0), (3, 44, 0), (5, 47, 2), (6, 62, 0), (7, 64, 2), (8, 66, 0)):
         # committed since, then this step's nodes (fresh values); in the steps without trees before step 5 the
         # request was preempted and recomputed: its block 1 rewritten
@@ -270,8 +272,8 @@ def test_mirrors_follow_a_request_across_steps(dtype, isa, monkeypatch):
         _write(kv_cache, k[new], v[new], slot(new), isa)
         written = L + 1
         q = torch.randn(n, H_Q, D).to(dtype)
-        tstep = TreeStep([_tree_row(tree, 0, 0, L)], torch.arange(n) - tree.depth, step=step, private=private,
-                         scratch=torch.tensor([20, 21, 22, 23]))
+        state.step = step
+        tstep = _tree_step([_tree_row(tree, 0, 0, L)], torch.arange(n) - tree.depth, state)
         got = _forward(impl, [(k[:L + n], v[:L + n], q)], kv_cache, block_table, [slot(torch.arange(L + n))], dtype,
                        isa, tstep)
         (plan, _), = tstep.plans.values()
@@ -298,7 +300,7 @@ def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
     assert (plan.bias[plan.bias.isfinite()] == 0).all()
     m = plan.mask[:, 0].int()
     assert m[0, :, :45].all() and not m[0, :, 51:].any() and m[1, :, :1].all() and not m[1, :, 5:].any()
-    assert torch.equal(m[0, :, 45:51].bool(), rows[0].ancestors)
+    assert torch.equal(m[0, :, 45:51].bool(), rows[0].tree.mask)
     assert m[1, :, 1:7].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]] + [[1, 1, 1, 1, 0, 0]] * 3
 
 
@@ -307,7 +309,7 @@ def test_tree_refuses_unsupported_features(monkeypatch):
     impl.sliding_window = 16
     k, v = _seq(8, torch.float32)
     reqs = [(k, v, torch.randn(6, H_Q, D))]
-    step = TreeStep([_tree_row(compile_tree(TREE), 0, 0, 2)], torch.zeros(6, dtype=torch.int64))
+    step = _tree_step([_tree_row(compile_tree(TREE), 0, 0, 2)], torch.zeros(6, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match="sliding window, logits soft cap"):
         _attend(impl, reqs, torch.float32, "vec", step)
     assert not _attend(impl, reqs, torch.float32, "vec").isnan().any()    # no tree: the stock kernel path

@@ -23,19 +23,17 @@ import torch
 
 from vllm_eagle.kernels import tree_accept
 
-from .tree import child_links
+from .tree import TreeBuffers
 from .verify import TreeStep
 
 
-def child_tables(parents: list[torch.Tensor], N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """parents[b] [n_b] int (-1 at the root) -> first_child, next_sibling [B, N] int32 (-1 = none), siblings in
-    ascending node order (= ascending rank)."""
-    first_child = torch.full((len(parents), N), -1, dtype=torch.int32)
-    next_sibling = torch.full((len(parents), N), -1, dtype=torch.int32)
-    for b, parent in enumerate(parents):
-        fc, ns = child_links(parent.tolist())
-        first_child[b, : len(fc)] = torch.tensor(fc, dtype=torch.int32)
-        next_sibling[b, : len(ns)] = torch.tensor(ns, dtype=torch.int32)
+def child_tables(trees: list[TreeBuffers], N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trees' first_child, next_sibling stacked into [B, N] int32, -1 padded (= none)."""
+    first_child = torch.full((len(trees), N), -1, dtype=torch.int32)
+    next_sibling = torch.full((len(trees), N), -1, dtype=torch.int32)
+    for b, tree in enumerate(trees):
+        first_child[b, : tree.num_nodes] = tree.first_child
+        next_sibling[b, : tree.num_nodes] = tree.next_sibling
     return first_child, next_sibling
 
 
@@ -116,7 +114,7 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
             n1, end = row.num_nodes, ends[row.req_index]
             probs[b, :n1] = target_probs_for(logits[end - n1:end], temperature, top_k, top_p)
             uniform[b, :n1] = torch.rand(n1, generator=gen, dtype=torch.float64).float()
-    first_child, next_sibling = child_tables([row.parent for row in step.rows], N)
+    first_child, next_sibling = child_tables([row.tree for row in step.rows], N)
     path, num_accepted, final = accept_and_emit(cand, first_child, next_sibling, argmax, probs, uniform, is_greedy,
                                                 generators)
     width, tokens, final = sampled.shape[1], cand.tolist(), final.tolist()

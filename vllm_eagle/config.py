@@ -114,6 +114,23 @@ class EagleOptions:
                    chain_k=extra.get("chain_k", 0), min_confidence=extra.get("min_confidence", 0.0))
 
 
+def check_engine_config(vllm_config) -> "EagleOptions | None":
+    """Everything about our speculation the engine's config decides, checked before any engine starts: the plugin
+    options, prefix caching off, the head against the target as vLLM loaded its config. The front end runs it when
+    it builds the config (patches P6), so LLM(...) and `vllm serve` raise the error where the user called; the
+    proposer runs it again in the worker. -> our options, or None when the config does not use our proposer."""
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method != "custom_class" or spec.model != PROPOSER_CLASS:
+        return None
+    options = EagleOptions.from_vllm_config(vllm_config)
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise EagleOptionError("vllm-eagle speculation needs prefix caching off (the head's KV of a cached prefix "
+                               "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
+                               "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
+    check_head_matches_target(read_config(options.head), vllm_config.model_config.hf_config.to_dict(), options.head)
+    return options
+
+
 def validate_against_target(head: str, target: str | None) -> None:
     """Fail early (before an engine starts) when the head cannot serve this target. `target` may be a folder or a
     name the engine resolves later, in which case only the head is checked."""

@@ -75,9 +75,8 @@ def draft_tree(head: EagleHead, kv: DraftKVCache, req_ids: list[str], x_last: to
     parent, depth, rank = tree.parent.long(), tree.depth.long(), tree.rank.long()     # [N] each
     num_children = torch.bincount(parent[1:], minlength=N)                             # [N]
     # sees[c, j]: node j is on the path root..c; the extra column N is all False (padding).
-    # E.g. ancestors [0b1, 0b11, 0b101] -> sees [[1,0,0,0], [1,1,0,0], [1,0,1,0]].
-    bits = (tree.ancestors[:, None] >> torch.arange(N)) & 1
-    sees = torch.cat([bits.bool(), torch.zeros(N, 1, dtype=torch.bool)], dim=1)       # [N, N + 1]
+    # E.g. parents [-1, 0, 0] -> sees [[1,0,0,0], [1,1,0,0], [1,0,1,0]].
+    sees = torch.cat([tree.mask, torch.zeros(N, 1, dtype=torch.bool)], dim=1)        # [N, N + 1]
     # Scratch row b: committed entries 0..p_b (entry p_b is the root's), node c's entry at column p_b + c, then
     # padding. Column j shows node clamp(j - p_b, 0, N): committed columns read as the root (every node sees the
     # root, hence all committed entries), padding as the all-False column N; leaves' columns stay unwritten and are

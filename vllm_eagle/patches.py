@@ -39,6 +39,14 @@ P5  CPUModelRunner._sample / _bookkeeping_sync (vllm/v1/worker/gpu_model_runner.
     What:   `_sample` saves the state of those rows' generators before sampling; `_bookkeeping_sync` hides them from
             the offset rewind and restores the saved states instead (the same effect: the discarded draw is undone).
     Remove: when vLLM rewinds CPU generators upstream (tests/test_patches.py checks the upstream raise).
+P6  EngineArgs.create_engine_config (vllm/engine/arg_utils.py)
+    Why:    a custom_class proposer is first imported in the worker, so a head that does not fit the target made
+            LLM(...) and `vllm serve` fail with "Engine core initialization failed. See root cause above" while the
+            reason (HeadConfigError naming the field) sat in the engine process's log. vLLM has no hook to validate
+            a custom proposer's settings when the config is built.
+    What:   wraps the method: the VllmConfig it returns goes through config.check_engine_config (plugin options,
+            prefix caching, head vs target) in the calling process; configs without our proposer pass untouched.
+    Remove: when vLLM validates custom proposers in the front end (e.g. a classmethod hook on the proposer class).
 
 Contact points (no patching, but private vLLM API our subclasses rely on; tests/test_patches.py pins their shapes)
 ------------------------------------------------------------------------------------------------------------------
@@ -150,6 +158,16 @@ def apply() -> None:
         return engine_args_from_eagle_flags(from_cli_args(cls, args), args)
 
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
+
+    create_engine_config = EngineArgs.create_engine_config     # P6
+
+    def _create_engine_config(self, *a, **kw):
+        from .config import check_engine_config
+        vllm_config = create_engine_config(self, *a, **kw)
+        check_engine_config(vllm_config)
+        return vllm_config
+
+    EngineArgs.create_engine_config = _create_engine_config
 
     from vllm.platforms.cpu import CpuPlatform                 # P3
     register_overrides = CpuPlatform.register_triton_kernel_overrides.__func__

@@ -6,7 +6,6 @@ rejection sampler, so greedy output is the target's and sampled output follows t
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -15,26 +14,13 @@ import numpy as np
 import torch
 
 from .adapt import SpeculationGate
-from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, EagleOptions
+from .config import DYNAMIC, WORKER_CLASS, EagleOptionError, check_engine_config
 from .draft import commit_entries, draft_chain, draft_dynamic, draft_tree, dynamic_tree_paths
-from .draft_head import (EagleHead, HeadConfig, Linear, check_head_matches_target, load_draft_vocab, load_head,
-                         read_config, torch_linear)
+from .draft_head import EagleHead, HeadConfig, Linear, load_draft_vocab, load_head, torch_linear
 from .draft_kv import DraftKVCache
 from .features import FeatureBatch
 from .lookup import lookup_draft
 from .tree import TreeBuffers, chain, compile_tree
-
-_chain = functools.lru_cache(maxsize=None)(chain)
-
-
-@functools.lru_cache(maxsize=None)
-def _prefix_tree(paths: tuple, n: int) -> TreeBuffers:
-    """The first n draft nodes of a tree (preorder keeps a prefix a tree)."""
-    return compile_tree(list(paths[1:n + 1]))
-
-
-_compiled_tree = functools.lru_cache(maxsize=4096)(compile_tree)     # dynamic trees repeat their shapes
-
 
 def engine_linear(weight: torch.Tensor) -> Linear:
     """weight [N, K] -> x [..., K] -> [..., N] through the GEMM vLLM's own linear layers run on this platform: on CPU
@@ -70,11 +56,7 @@ class ProposerStats:
 class EagleProposer:
     def __init__(self, vllm_config):
         self.vllm_config = vllm_config
-        self.options = EagleOptions.from_vllm_config(vllm_config)
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise EagleOptionError("vllm-eagle speculation needs prefix caching off (the head's KV of a cached prefix "
-                                   "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
-                                   "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
+        self.options = check_engine_config(vllm_config)
         self.feature_layers = self._feature_layers(vllm_config)    # target layers the worker captures
         self.max_model_len = vllm_config.model_config.max_model_len
         self.dtype = vllm_config.model_config.dtype
@@ -105,8 +87,6 @@ class EagleProposer:
         return layers
 
     def load_model(self, target: torch.nn.Module) -> None:
-        hf = self.vllm_config.model_config.hf_config
-        check_head_matches_target(read_config(self.options.head), hf.to_dict(), self.options.head)
         self.target = target
         self.vocab_size = self.vllm_config.model_config.get_vocab_size()
         self.head = load_head(self.options.head, dtype=self.dtype).pack(engine_linear)
@@ -188,60 +168,78 @@ class EagleProposer:
         verified by vLLM's rejection sampler."""
         if self.dynamic:                                 # the tree is grown per request in _propose_step
             n = min(num_drafts, self.options.num_speculative_tokens)
-            return None, _chain(min(n, self.options.depth))
+            return None, chain(min(n, self.options.depth))
         if self.tree is None:
             k = min(num_drafts, self.options.chain_k or num_drafts)       # the head's chain (lookup may draft more)
-            return _chain(k), _chain(k)
+            return chain(k), chain(k)
         n = min(num_drafts, self.tree.num_nodes - 1)
-        tree = self.tree if n == self.tree.num_nodes - 1 else _prefix_tree(self.tree.paths, n)
-        return tree, _chain(min(n, tree.max_depth))
+        tree = self.tree.prefix(n + 1)
+        return tree, chain(min(n, tree.max_depth))
 
     def _propose_step(self, fb: FeatureBatch) -> list[list[int]]:
+        """Commit the head's KV for the tokens just accepted, decide whether to draft, then draft: prompt lookup
+        for the rows it serves, the head for the others (chains, static or dynamic trees)."""
         self.kv.free(fb.finished_req_ids)
         self.drafted_trees = {}
-        x, last = commit_entries(self.head, self.kv, fb, self.embed)
-        pos_last = fb.start_pos + fb.num_committed - 1
+        x, last = commit_entries(self.head, self.kv, fb, self.embed)      # x [num_entries, H]; last [num_reqs]
+        pos_last = fb.start_pos + fb.num_committed - 1                     # [num_reqs] the root's position
         out: list[list[int]] = [[] for _ in fb.req_ids]
         if fb.num_drafts <= 0:
             return out
-        gated, lookup_only = False, None
-        if self.gate is not None:
-            gated = not self.gate.speculate(len(fb.req_ids), fb.sampled)
-            if gated and self.lookup_gate is not None:
-                lookup_only = self.lookup_gate.speculate(len(fb.req_ids), fb.sampled)
-                self.stats.lookup_only_steps += lookup_only
-            self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids), fb.sampled, lookup_only)
-            self.stats.gated_steps += gated
-        tree, chain = self.shapes(fb.num_drafts)
+        gated, lookup_only = self._decide(fb)
+        fits = self._rows_that_fit(fb, last, pos_last)
+        if self.options.lookup and (not gated or lookup_only):
+            fits &= ~self._lookup(fb, np.nonzero(fits)[0], pos_last, out)
+        if not gated:
+            self._draft_with_head(fb, fits, x, last, pos_last, out)
+        return out
+
+    def _decide(self, fb: FeatureBatch) -> tuple[bool, bool | None]:
+        """The gate's decision for this step -> (gated: no head drafts, lookup_only: lookup rows still draft; None
+        without a lookup gate), remembered for measuring it at the next call."""
+        if self.gate is None:
+            return False, None
+        gated, lookup_only = not self.gate.speculate(len(fb.req_ids), fb.sampled), None
+        if gated and self.lookup_gate is not None:
+            lookup_only = self.lookup_gate.speculate(len(fb.req_ids), fb.sampled)
+            self.stats.lookup_only_steps += lookup_only
+        self._last_decision = (self._step_start, not gated, frozenset(fb.req_ids), fb.sampled, lookup_only)
+        self.stats.gated_steps += gated
+        return gated, lookup_only
+
+    def _rows_that_fit(self, fb: FeatureBatch, last: np.ndarray, pos_last: np.ndarray) -> np.ndarray:
+        """[num_reqs] bool: rows that may draft this step (drafting, an entry committed, room before max_model_len)."""
         fits = fb.drafting & (last >= 0) & (pos_last + 2 + fb.num_drafts <= self.max_model_len)
         if self.gate is not None:
             # Under the gate, requests with a seed never draft: drafts change which random numbers a sampled token
             # uses, and timing must not decide a seeded output. Their output is then vanilla's for that seed.
             fits &= ~fb.seeded
-        if self.options.lookup and (not gated or lookup_only):
-            fits = fits & ~self._lookup(fb, np.nonzero(fits)[0], pos_last, out)
-        fits &= not gated
-        if self.tree is None and not self.dynamic:
-            rows = np.nonzero(fits)[0]
-            if len(rows):
-                self._draft_chain(fb, rows, x[torch.from_numpy(last[rows])], pos_last[rows], chain.num_nodes - 1, out)
-            return out
-        groups = [(tree, fits & fb.tree_ok), (chain, fits & ~fb.tree_ok)]
+        return fits
+
+    def _draft_with_head(self, fb: FeatureBatch, fits: np.ndarray, x: torch.Tensor, last: np.ndarray,
+                         pos_last: np.ndarray, out: list[list[int]]) -> None:
+        """Head drafts into out[r] for the rows in `fits`: chains, or trees for rows that can verify one (the others
+        get the tree's depth as a chain)."""
+        tree, line = self.shapes(fb.num_drafts)
+        chains_only = self.tree is None and not self.dynamic
+        groups = [(line, fits)] if chains_only else [(tree, fits & fb.tree_ok), (line, fits & ~fb.tree_ok)]
         for shape, selected in groups:
             rows = np.nonzero(selected)[0]
             if len(rows) == 0:
                 continue
-            if shape is None:
-                self._draft_dynamic(fb, rows, x[torch.from_numpy(last[rows])], pos_last[rows],
+            x_last = x[torch.from_numpy(last[rows])]
+            if chains_only:
+                self._draft_chain(fb, rows, x_last, pos_last[rows], shape.num_nodes - 1, out)
+            elif shape is None:
+                self._draft_dynamic(fb, rows, x_last, pos_last[rows],
                                     min(fb.num_drafts, self.options.num_speculative_tokens), out)
-                continue
-            drafts = draft_tree(self.head, self.kv, [fb.req_ids[r] for r in rows], x[torch.from_numpy(last[rows])],
-                                pos_last[rows], shape, self.embed, self.topk_tokens)
-            for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
-                out[r] = d
-                if shape.num_nodes > shape.max_depth + 1:              # a real tree: verify.py lays it out
-                    self.drafted_trees[fb.req_ids[r]] = shape
-        return out
+            else:
+                drafts = draft_tree(self.head, self.kv, [fb.req_ids[r] for r in rows], x_last, pos_last[rows], shape,
+                                    self.embed, self.topk_tokens)
+                for r, d in zip(rows.tolist(), drafts.tolist()):   # host sync: the scheduler wants lists
+                    out[r] = d
+                    if not shape.is_chain:                          # a real tree: verify.py lays it out
+                        self.drafted_trees[fb.req_ids[r]] = shape
 
     def _draft_chain(self, fb: FeatureBatch, rows: np.ndarray, x_last: torch.Tensor, pos_last: np.ndarray, k: int,
                      out: list[list[int]]) -> None:
@@ -277,8 +275,8 @@ class EagleProposer:
         selected, tokens, parent, rank = selected.tolist(), tokens.tolist(), parent.tolist(), rank.tolist()
         for b, r in enumerate(rows.tolist()):
             paths = dynamic_tree_paths(selected[b], parent[b], rank[b])
-            tree = _compiled_tree(tuple(sorted(paths)))         # preorder, as compile_tree orders them
+            tree = compile_tree(paths)                          # preorder; compiled once per shape
             token_of = {p: tokens[b][i] for p, i in zip(paths, selected[b])}
             out[r] = [token_of[p] for p in tree.paths[1:]]
-            if tree.num_nodes > tree.max_depth + 1:
+            if not tree.is_chain:
                 self.drafted_trees[fb.req_ids[r]] = tree

@@ -36,7 +36,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata)
 
 from .kv_layout import copy_kv_slots, gather_kv, slot_copy_index
-from .tree import child_links
+from .tree import TreeBuffers
 from .verify import TreeRow, TreeStep
 
 _BACKEND_PATH = "vllm_eagle.tree_attention.TreeCPUAttentionBackend"
@@ -60,7 +60,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
     ) -> torch.Tensor:
         args = (layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         tree = getattr(attn_metadata, "tree", None)
-        if not isinstance(tree, TreeStep):
+        if not isinstance(tree, TreeAttentionStep):
             return super().forward(*args)
         if not self._tree_checked:
             self._check_tree_supported()
@@ -70,12 +70,14 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2], self.num_heads, self.num_kv_heads,
                     self.head_size)
         if plan_key not in tree.plans:
-            if tree.scratch.numel() and int(tree.scratch.max()) >= kv_cache.shape[0]:
-                raise RuntimeError(f"tree scratch blocks {tree.scratch.tolist()} lie beyond this layer's "
+            scratch = tree.state.scratch
+            if scratch.numel() and int(scratch.max()) >= kv_cache.shape[0]:
+                raise RuntimeError(f"tree scratch blocks {scratch.tolist()} lie beyond this layer's "
                                    f"{kv_cache.shape[0]} KV blocks (vLLM split or resized its blocks?)")
-            paths = plan_tree_paths(tree.rows, attn_metadata, kv_cache.shape[2], private_blocks(tree, plan_key),
-                                    tree.step, self, query.dtype, layer.isa)
-            todo = [r for r in tree.rows if r.req_index in paths.recompute]
+            rows = tree.layout.rows
+            paths = plan_tree_paths(rows, attn_metadata, kv_cache.shape[2], tree.state.private_blocks(plan_key),
+                                    tree.state.step, self, query.dtype, layer.isa)
+            todo = [r for r in rows if r.req_index in paths.recompute]
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
                 todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
                 kv_cache.dtype))
@@ -116,22 +118,17 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
                                       "use a chain tree (the default) for this model")
 
 
-def tree_segments(parent: list[int]) -> list[list[int]]:
-    """A tree (parent[i] < i, root 0) cut into segments: nodes in depth-first order (children in index order), a new
-    segment at every node that is not its parent's first child. Each segment is a first-child run ending at a leaf;
-    with its head's ancestors it is one root-to-leaf path. E.g. parents [-1, 0, 0, 1, 1, 3] (children 0: 1, 2;
-    1: 3, 4; 3: 5): depth-first 0 1 3 5 4 2 -> [[0, 1, 3, 5], [4], [2]]; paths 0-1-3-5, 0-1-4, 0-2."""
-    first_child, next_sibling = child_links(parent)
-    segments, stack = [], [0]
-    while stack:
-        node, seg = stack.pop(), []
-        while node >= 0:
-            seg.append(node)
-            if next_sibling[node] >= 0:                         # after this node's subtree: its next sibling's
-                stack.append(next_sibling[node])
-            node = first_child[node]
-        segments.append(seg)
-    return segments
+def tree_segments(tree: TreeBuffers) -> list[tuple[list[int], list[int]]]:
+    """A tree cut into segments, one per leaf: (its nodes, its root-to-leaf path). In preorder the segments are
+    consecutive runs of nodes, each ending at a leaf (retrieve's rows, leaves ascending), and a segment's nodes are
+    the end of its path. E.g. the module docstring's tree, parents [-1, 0, 1, 2, 1, 0]: ([0, 1, 2, 3], [0, 1, 2, 3]),
+    ([4], [0, 1, 4]), ([5], [0, 5])."""
+    out, first = [], 0
+    for path in tree.retrieve.tolist():
+        path = [i for i in path if i >= 0]
+        out.append((list(range(first, path[-1] + 1)), path))
+        first = path[-1] + 1
+    return out
 
 
 @dataclass
@@ -154,14 +151,33 @@ class PrivateBlocks:
     step: int = -1      # the step last planned
 
 
-def private_blocks(tree: TreeStep, plan_key) -> PrivateBlocks:
-    """tree.private's entry for this KV cache group (plan_key), new with every scratch block free the first time;
-    groups not planned in the previous step are dropped (a step without trees leaves every mirror stale anyway)."""
-    for key in [k for k, g in tree.private.items() if g.step < tree.step - 1]:
-        del tree.private[key]
-    if plan_key not in tree.private:
-        tree.private[plan_key] = PrivateBlocks(tree.scratch.tolist())
-    return tree.private[plan_key]
+@dataclass
+class TreeAttentionState:
+    """Tree attention's state across steps, owned by the model runner: the scratch blocks no request owns
+    (reserve_scratch_blocks) and, per KV cache group (plan key), which of them mirror which request's block."""
+    scratch: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [S]
+    private: dict = dataclasses.field(default_factory=dict)   # plan key -> PrivateBlocks
+    step: int = 0               # the runner's step number (consecutive steps differ by 1)
+
+    def private_blocks(self, plan_key) -> PrivateBlocks:
+        """This KV cache group's entry, new with every scratch block free the first time; groups not planned in the
+        previous step are dropped (a step without trees leaves every mirror stale anyway)."""
+        for key in [k for k, g in self.private.items() if g.step < self.step - 1]:
+            del self.private[key]
+        if plan_key not in self.private:
+            self.private[plan_key] = PrivateBlocks(self.scratch.tolist())
+        return self.private[plan_key]
+
+
+@dataclass
+class TreeAttentionStep:
+    """What the attention metadata carries as `.tree` in a step with trees: the step's layout, the runner's
+    state, and what the backend works out once for all layers (its plans) and reports back."""
+    layout: TreeStep
+    state: TreeAttentionState
+    plans: dict = dataclasses.field(default_factory=dict)   # plan key (block table, block size, heads) -> plans
+    attention_s: float = 0.0    # wall time on the tree rows (all layers) beyond the kernel's own
+    recomputed_trees: int = 0   # tree requests whose rows were recomputed (no scratch left for their paths)
 
 
 @dataclass
@@ -200,19 +216,8 @@ def plan_tree_paths(rows: list[TreeRow], md: CPUAttentionMetadata, block_size: i
         if (row.start, row.num_nodes) != (qsl[r], qsl[r + 1] - qsl[r]):
             raise RuntimeError(f"tree request {row.req_id}: its {row.num_nodes} nodes from row {row.start} are not "
                                f"its scheduled rows {qsl[r]}..{qsl[r + 1] - 1} (vLLM's step layout changed?)")
-        parent = row.parent.tolist()
-        segments = tree_segments(parent)
-        if [i for seg in segments for i in seg] != list(range(len(parent))):
-            raise RuntimeError(f"tree request {row.req_id}: nodes not in preorder (parents {parent}); "
-                               "trees come from tree.compile_tree")
-        paths = []
-        for seg in segments[1:]:
-            path, p = [], parent[seg[0]]
-            while p >= 0:
-                path.append(p)
-                p = parent[p]
-            paths.append(path[::-1] + seg)
-        paths_of[r] = segments, paths
+        cut = tree_segments(row.tree)
+        paths_of[r] = [seg for seg, _ in cut], [path for _, path in cut[1:]]
     wanted = {(by_req[r].req_id, s) for r, (_, paths) in paths_of.items() for s in range(len(paths))}
     for key in [k for k in mirrors if k not in wanted]:
         free.append(mirrors.pop(key).block)
@@ -357,7 +362,7 @@ def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_si
     for b, r in enumerate(rows):
         L = r.prefix_len
         mask[b, 0, :, :L] = True
-        mask[b, 0, :, L: L + r.num_nodes] = r.ancestors[node.clamp(max=r.num_nodes - 1)]
+        mask[b, 0, :, L: L + r.num_nodes] = r.tree.mask[node.clamp(max=r.num_nodes - 1)]
     valid_rows = torch.stack([node < r.num_nodes for r in rows]).flatten().nonzero().squeeze(1)
     grouped = mask.repeat(1, 1, groups, 1)
     bias = torch.zeros(grouped.shape, dtype=dtype).masked_fill_(~grouped, float("-inf"))

@@ -17,7 +17,8 @@ from .config import CONFIG_KEY
 from .features import feature_batch_from_runner
 from .kv_commit import commit_accepted_kv
 from .proposer import EagleProposer
-from .tree_attention import reserve_scratch_blocks, scratch_block_count
+from .tree_attention import (TreeAttentionState, TreeAttentionStep, reserve_scratch_blocks,
+                             scratch_block_count)
 from .verify import build_tree_step
 
 
@@ -26,28 +27,28 @@ class EagleCPUModelRunner(CPUModelRunner):
     (`_prepare_inputs`), tree masks for the attention backend (`_build_attention_metadata`), and tree acceptance +
     KV commit (`_sample`). Each delegates to a stage module and does nothing when the step has no tree. With trees
     on, the KV cache also gets scratch blocks the scheduler does not know of (`initialize_kv_cache`)."""
-    _tree_step = None
-    _accepted_paths: dict = {}
-    _scratch_blocks = torch.zeros(0, dtype=torch.long)
-    _steps = 0                  # steps prepared: tree attention's private blocks stay current only step to step
-    _private_blocks: dict = {}  # TreeStep.private, kept across steps (a new dict per runner, initialize_kv_cache)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._tree_step: TreeAttentionStep | None = None        # this step's trees, None without any
+        self._tree_state = TreeAttentionState()                 # scratch blocks and their mirrors, across steps
+        self._accepted_paths: dict = {}                         # req_id -> accepted tree path of the last step
 
     def _ours(self) -> bool:
         return isinstance(getattr(self, "drafter", None), EagleProposer)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self._tree_step, self._steps = None, self._steps + 1
+        self._tree_step, self._tree_state.step = None, self._tree_state.step + 1
         if self._ours() and self.drafter.drafted_trees:
             n, t0 = self.input_batch.num_reqs, time.perf_counter()
-            self._tree_step = build_tree_step(
+            layout = build_tree_step(
                 self.input_batch.req_ids[:n], self.query_start_loc.np[: n + 1],
                 self.input_batch.num_computed_tokens_cpu[:n], scheduler_output.scheduled_spec_decode_tokens,
                 self.drafter.drafted_trees, scheduler_output.total_num_scheduled_tokens)
-            if self._tree_step is not None:                    # slots stay L+i; RoPE positions become L+depth(i)
-                self.positions[: scheduler_output.total_num_scheduled_tokens] -= self._tree_step.pos_delta
-                self._tree_step.scratch = self._scratch_blocks
-                self._tree_step.step, self._tree_step.private = self._steps, self._private_blocks
+            if layout is not None:                              # slots stay L+i; RoPE positions become L+depth(i)
+                self.positions[: scheduler_output.total_num_scheduled_tokens] -= layout.pos_delta
+                self._tree_step = TreeAttentionStep(layout, self._tree_state)
             self.drafter.stats.mask_s += time.perf_counter() - t0
         return out
 
@@ -69,22 +70,22 @@ class EagleCPUModelRunner(CPUModelRunner):
         self._accepted_paths = {}
         if self._tree_step is not None:
             stats, t0 = self.drafter.stats, time.perf_counter()
-            self._accepted_paths = accept_trees(self._tree_step, logits,
+            self._accepted_paths = accept_trees(self._tree_step.layout, logits,
                                                 spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids,
                                                 self._tree_sampling())
             t1 = time.perf_counter()
-            commit_accepted_kv(self, self._tree_step, self._accepted_paths)
+            commit_accepted_kv(self, self._tree_step.layout, self._accepted_paths)
             stats.accept_s += t1 - t0
             stats.kv_commit_s += time.perf_counter() - t1
             stats.tree_attention_s += self._tree_step.attention_s
-            stats.trees_verified += len(self._tree_step.rows)
+            stats.trees_verified += len(self._tree_step.layout.rows)
             stats.trees_recomputed += self._tree_step.recomputed_trees
         return out
 
     def _tree_sampling(self) -> dict:
         """{req_index: (temperature, top_k, top_p, generator)} of the sampled tree rows (greedy rows are absent)."""
         batch, out = self.input_batch, {}
-        for row in self._tree_step.rows:
+        for row in self._tree_step.layout.rows:
             i, rid = row.req_index, row.req_id
             if rid not in batch.greedy_reqs:
                 out[i] = (float(batch.temperature_cpu[i]), int(batch.top_k_cpu[i]) if rid in batch.top_k_reqs else None,
@@ -97,8 +98,8 @@ class EagleCPUModelRunner(CPUModelRunner):
             leaves = tree.retrieve.shape[0] if tree is not None else self.drafter.options.num_speculative_tokens
             num = scratch_block_count(leaves, self.vllm_config.scheduler_config.max_num_seqs,
                                       kv_cache_config.num_blocks)
-            kv_cache_config, self._scratch_blocks = reserve_scratch_blocks(kv_cache_config, num)
-            self._private_blocks = {}
+            kv_cache_config, scratch = reserve_scratch_blocks(kv_cache_config, num)
+            self._tree_state = TreeAttentionState(scratch)
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
 
     def load_model(self, *args, **kwargs) -> None:
