@@ -42,7 +42,7 @@ def category_prompts(tokenizer, per_category: int) -> dict[str, list[str]]:
 def acceptance(llm, prompts: list[str], max_tokens: int) -> dict:
     from vllm import SamplingParams
 
-    from vllm_eagle.cli import spec_counters
+    from vllm_eagle.metrics import spec_counters
     before = spec_counters(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)

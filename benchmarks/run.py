@@ -28,6 +28,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
+from vllm_eagle.metrics import spec_counters
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -138,11 +140,6 @@ def workloads(tokenizer, names: list[str], n: int) -> dict[str, list[str]]:
         picked = [r["prompt"] for r in reversed(recs[HOLDOUT_START:]) if len(r["prompt"]) < 1500][:n]
         out["sharegpt"] = chat_prompts(tokenizer, picked)
     return out
-
-
-def spec_counters(llm) -> dict:
-    from vllm_eagle.cli import spec_counters as counters
-    return counters(llm)
 
 
 def closed_loop(llm, prompts: list[str], bs: int, sp) -> tuple[int, float, int, float]:

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from vllm_eagle.cli import spec_counters  # noqa: F401  (re-exported for tests)
+from vllm_eagle.metrics import spec_counters  # noqa: F401  (re-exported for tests)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from builders import make_oracle_pair, make_random_head, make_tiny_llama  # noqa: E402

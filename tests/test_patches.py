@@ -118,6 +118,20 @@ def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):
     assert parse("--eagle-min-confidence", "0.25").additional_config["vllm_eagle"]["min_confidence"] == 0.25
 
 
+def test_generate_takes_the_serve_flags(tiny_random_head):
+    """`vllm-eagle generate` declares the plugin's flags through the same function as `vllm serve`, plus aliases."""
+    import argparse
+    from vllm_eagle.config import add_option_args, speculative_kwargs_from_args
+    serve, generate = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_option_args(serve)
+    add_option_args(generate, aliases=True)
+    flags = ["--speculative-model", tiny_random_head, "--eagle-tree", "dynamic", "--eagle-depth", "3"]
+    assert speculative_kwargs_from_args(serve.parse_args(flags)) == \
+        speculative_kwargs_from_args(generate.parse_args(["--head", tiny_random_head, "--tree", "dynamic",
+                                                          "--eagle-depth", "3"]))
+    assert generate.parse_args(["-k", "5"]).num_speculative_tokens == 5
+
+
 def test_top_k_on_an_empty_spec_batch_upstream_bug_and_our_fix():
     """P4: vLLM-CPU's top-k path raises on zero target rows; the patched apply_sampling_constraints passes them."""
     import pytest

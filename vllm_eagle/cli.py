@@ -13,29 +13,13 @@ def _env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def spec_counters(llm) -> dict:
-    out = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode_num_"):
-            out[m.name[len("vllm:spec_decode_num_"):]] = getattr(m, "values", None) or getattr(m, "value", None)
-    return out
-
-
 def generate(argv: list[str]) -> None:
     import vllm_eagle
+    from .config import add_option_args, speculative_kwargs_from_args
     p = argparse.ArgumentParser(prog="vllm-eagle generate",
                                 description="Generate with EAGLE speculation and report tokens/s and tau.")
     p.add_argument("--target", help="HF model folder (default: SmolLM2-135M-Instruct, prepared on first use)")
-    p.add_argument("--head", help="EAGLE-1 or EAGLE-3 head folder (default: the head shipped for SmolLM2)")
-    p.add_argument("-k", "--num-speculative-tokens", type=int, default=None,
-                   help="draft tokens per step (chain default 2; dynamic trees: total_tokens, default 8)")
-    p.add_argument("--tree", default="chain", help="chain, path tuples \"[(0,), (1,), (0, 0)]\", or dynamic")
-    p.add_argument("--depth", type=int, default=4, help="dynamic trees: draft forwards per step")
-    p.add_argument("--top-k", type=int, default=4, help="dynamic trees: children per expanded node")
-    p.add_argument("--lookup", type=int, default=0, metavar="N",
-                   help="chains: rows whose context repeats draft N tokens by prompt lookup instead of the head")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                   help="chains: cut head drafts whose cumulative draft probability is below P (0 = off)")
+    add_option_args(p, aliases=True)            # --speculative-model/--head (default: the head shipped for SmolLM2)
     p.add_argument("--prompt", action="append", help="user message (repeatable); default: 4 MT-Bench questions")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default=None,
@@ -50,14 +34,13 @@ def generate(argv: list[str]) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from .assets import chat_prompts, mtbench_questions
+    from .metrics import spec_counters
     if a.dtype is None:
         from .train.train_head import has_bf16_matmul
         a.dtype = "bfloat16" if has_bf16_matmul() else "float32"
     target = a.target or vllm_eagle.default_target()
-    head = a.head or vllm_eagle.default_head()
-    dyn = {"depth": a.depth, "top_k": a.top_k} if a.tree == "dynamic" else {}
-    spec = vllm_eagle.speculative_kwargs(head, num_speculative_tokens=a.num_speculative_tokens, tree=a.tree,
-                                         target=target, lookup=a.lookup, min_confidence=a.min_confidence, **dyn)
+    a.speculative_model = a.speculative_model or vllm_eagle.default_head()
+    spec = speculative_kwargs_from_args(a, target)
     k = spec["speculative_config"]["num_speculative_tokens"]
     questions = a.prompt or [q["turns"][0] for q in mtbench_questions()[:4]]
     prompts = chat_prompts(AutoTokenizer.from_pretrained(target), questions)
@@ -78,7 +61,7 @@ def generate(argv: list[str]) -> None:
     for q, o in zip(questions, outs):
         print(f"\n### {q}\n{o.outputs[0].text}")
     tau = 1 + c["accepted_tokens"] / c["drafts"] if c.get("drafts") else float("nan")
-    print(f"\nvllm-eagle: {len(prompts)} prompts, tree={a.tree}, K={k}, {a.dtype}: {tps:.1f} tokens/s, "
+    print(f"\nvllm-eagle: {len(prompts)} prompts, tree={a.eagle_tree}, K={k}, {a.dtype}: {tps:.1f} tokens/s, "
           f"mean acceptance length tau = {tau:.2f}")
     if a.compare:
         _, base_tps, _ = run({})

@@ -114,6 +114,40 @@ class EagleOptions:
                    chain_k=extra.get("chain_k", 0), min_confidence=extra.get("min_confidence", 0.0))
 
 
+def add_option_args(parser, aliases: bool = False) -> None:
+    """The plugin's command-line flags, declared once: `vllm serve` (patches P1) and `vllm-eagle generate` (with
+    the short aliases -k, --head, --tree when `aliases`) take the same ones; speculative_kwargs_from_args reads them."""
+    short = (lambda *names: names) if aliases else (lambda *names: ())
+    g = parser.add_argument_group("EAGLE (vllm-eagle)", "EAGLE speculative decoding from the vllm-eagle plugin")
+    g.add_argument("--speculative-model", *short("--head"), default=None, metavar="HEAD",
+                   help="EAGLE-1 or EAGLE-3 head folder; turns on vllm-eagle speculation")
+    g.add_argument("--num-speculative-tokens", *short("-k"), type=int, default=None, metavar="K",
+                   help="draft tokens per step (K; chain default 2; for --eagle-tree dynamic: total_tokens, default 8)")
+    g.add_argument("--eagle-tree", *short("--tree"), default="chain", metavar="TREE",
+                   help="draft shape: chain, path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes), or "
+                        "dynamic (EAGLE-2 trees grown per request by draft confidence)")
+    g.add_argument("--eagle-depth", type=int, default=None,
+                   help=f"dynamic trees: draft forwards per step (default {DYNAMIC_DEFAULTS['depth']})")
+    g.add_argument("--eagle-top-k", type=int, default=None,
+                   help="dynamic trees: children per expanded node and nodes expanded per depth "
+                        f"(default {DYNAMIC_DEFAULTS['top_k']})")
+    g.add_argument("--eagle-lookup", type=int, default=0, metavar="N",
+                   help="chains: rows whose context repeats its tail draft the N tokens that followed it (prompt "
+                        "lookup) instead of running the head (default 0 = off)")
+    g.add_argument("--eagle-min-confidence", type=float, default=0.0, metavar="P",
+                   help="chains: cut each row's head drafts before the first whose cumulative draft probability is "
+                        "below P (default 0 = off)")
+
+
+def speculative_kwargs_from_args(args, target: str | None = None) -> dict:
+    """speculative_kwargs from the flags of add_option_args."""
+    dyn = {k: v for k, v in (("depth", args.eagle_depth), ("top_k", args.eagle_top_k)) if v is not None}
+    if dyn and args.eagle_tree != DYNAMIC:
+        raise EagleOptionError("--eagle-depth/--eagle-top-k apply to --eagle-tree dynamic only")
+    return speculative_kwargs(args.speculative_model, args.num_speculative_tokens, args.eagle_tree, target=target,
+                              lookup=args.eagle_lookup, min_confidence=args.eagle_min_confidence, **dyn)
+
+
 def check_engine_config(vllm_config) -> "EagleOptions | None":
     """Everything about our speculation the engine's config decides, checked before any engine starts: the plugin
     options, prefix caching off, the head against the target as vLLM loaded its config. The front end runs it when

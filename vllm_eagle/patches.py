@@ -7,7 +7,7 @@ P1  EngineArgs.add_cli_args  (vllm/engine/arg_utils.py)
     Why:    users asked for `vllm serve TARGET --speculative-model HEAD --num-speculative-tokens K`; vLLM 0.32 only has
             --speculative-config/--spec-*. General plugins load before argparse (AsyncEngineArgs.add_cli_args), but
             there is no hook to add flags.
-    What:   wraps the static method to append an "EAGLE (vllm-eagle)" argument group.
+    What:   wraps the static method to append the "EAGLE (vllm-eagle)" argument group (config.add_option_args).
     Remove: when vLLM offers a plugin CLI-argument hook.
 P2  EngineArgs.from_cli_args (vllm/engine/arg_utils.py)
     Why:    argparse attributes that are not EngineArgs fields are dropped; our flags must become engine arguments.
@@ -93,39 +93,14 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     output[:n] = torch.repeat_interleave(vals, counts, output_size=n).to(output.dtype)
 
 
-def add_eagle_args(parser) -> None:
-    g = parser.add_argument_group("EAGLE (vllm-eagle)", "EAGLE speculative decoding from the vllm-eagle plugin")
-    g.add_argument("--speculative-model", default=None, metavar="HEAD",
-                   help="EAGLE-1 or EAGLE-3 head folder; turns on vllm-eagle speculation")
-    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
-                   help="draft tokens per step (K; chain default 2; for --eagle-tree dynamic: total_tokens, default 8)")
-    g.add_argument("--eagle-tree", default="chain", metavar="TREE",
-                   help="draft shape: chain, path tuples such as \"[(0,), (1,), (0, 0)]\" (K = number of nodes), or "
-                        "dynamic (EAGLE-2 trees grown per request by draft confidence)")
-    g.add_argument("--eagle-depth", type=int, default=None, help="dynamic trees: draft forwards per step (default 4)")
-    g.add_argument("--eagle-top-k", type=int, default=None,
-                   help="dynamic trees: children per expanded node and nodes expanded per depth (default 4)")
-    g.add_argument("--eagle-lookup", type=int, default=0, metavar="N",
-                   help="chains: rows whose context repeats its tail draft the N tokens that followed it (prompt "
-                        "lookup) instead of running the head (default 0 = off)")
-    g.add_argument("--eagle-min-confidence", type=float, default=0.0, metavar="P",
-                   help="chains: cut each row's head drafts before the first whose cumulative draft probability is "
-                        "below P (default 0 = off)")
-
-
 def engine_args_from_eagle_flags(engine_args, args: argparse.Namespace):
     head = getattr(args, "speculative_model", None)
     if not head:
         return engine_args
-    from .config import CONFIG_KEY, speculative_kwargs
+    from .config import CONFIG_KEY, speculative_kwargs_from_args
     if engine_args.speculative_config:
         raise ValueError("--speculative-model and --speculative-config are mutually exclusive: use one of them")
-    dyn = {k: v for k, v in (("depth", args.eagle_depth), ("top_k", args.eagle_top_k)) if v is not None}
-    if dyn and args.eagle_tree != "dynamic":
-        raise ValueError("--eagle-depth/--eagle-top-k apply to --eagle-tree dynamic only")
-    kw = speculative_kwargs(head, args.num_speculative_tokens, args.eagle_tree, target=engine_args.model,
-                            lookup=getattr(args, "eagle_lookup", 0),
-                            min_confidence=getattr(args, "eagle_min_confidence", 0.0), **dyn)
+    kw = speculative_kwargs_from_args(args, target=engine_args.model)
     engine_args.speculative_config = kw["speculative_config"]
     engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: kw["additional_config"][CONFIG_KEY]}
     if engine_args.worker_cls not in ("auto", kw["worker_cls"]):
@@ -146,8 +121,9 @@ def apply() -> None:
     add_cli_args = EngineArgs.add_cli_args            # P1
 
     def _add_cli_args(parser, *a, **kw):
+        from .config import add_option_args
         parser = add_cli_args(parser, *a, **kw)
-        add_eagle_args(parser)
+        add_option_args(parser)
         return parser
 
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)

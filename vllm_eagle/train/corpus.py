@@ -187,6 +187,15 @@ def grow(target: str, folder: str, num_answers: int, max_tokens: int = 256, max_
     return records
 
 
+def ensure_answers(target: str, folder: str, num_answers: int, log=print) -> None:
+    """Grow the corpus to num_answers (0: leave it) with the settings it was made with (grow's defaults for a new
+    one), so a training run can ask for more self-distilled answers than the corpus holds."""
+    if num_answers and len(read_answers(folder)) < num_answers:
+        meta = read_meta(folder) or {}
+        grow(target, folder, num_answers, log=log,
+             **{k: meta[k] for k in ("max_tokens", "max_prompt_tokens", "dtype") if k in meta})
+
+
 def examples(folder: str, tokenizer, max_len: int, sharegpt: str | None = None) -> list[Example]:
     """The corpus as training examples, in generation order: prompt (rebuilt from ShareGPT) + the target's answer,
     answer tokens masked in. A sequence over max_len keeps its answer and the prompt's end (the head then sees a

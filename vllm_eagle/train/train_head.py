@@ -2,8 +2,8 @@
 rollout (EAGLE-3's "training-time test"), evaluate it, and write an HF-style folder in the official layout (loads here
 and in vLLM `method: eagle` / `eagle3`).
 
-Phases: data (a kept self-distilled corpus (corpus.py), self-distilled answers generated now, and/or teacher-forced
-ShareGPT/JSONL answers) -> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j
+Phases: data (the kept self-distilled corpus (corpus.py), grown first if a run asks for more answers than it holds,
+and/or teacher-forced ShareGPT/JSONL answers) -> features -> train (resumable checkpoint) -> eval -> export. Loss per rollout step j
 (weight step_decay^(j-1)), on answer positions only:
   EAGLE-1: SmoothL1(g_j, f_{q+1}) + 0.1 * soft-CE(draft_lm_head(g_j), softmax(draft_lm_head(f_{q+1}))), draft_lm_head
            being the target's LM head restricted to the draft vocabulary the head drafts from at inference;
@@ -30,8 +30,6 @@ from .rollout import rollout
 @dataclass
 class TrainConfig:
     num_conversations: int = 3000      # teacher-forced conversations: the data's own answers (held-out on top)
-    num_distill: int = 0               # further conversations whose prompts the target answers itself (vLLM greedy)
-    distill_max_tokens: int = 256
     num_heldout: int = 100
     data_offset: int = 0               # skip this many usable conversations (fresh data for a continued run)
     max_len: int = 512                 # tokens per sequence
@@ -52,16 +50,16 @@ class TrainConfig:
     draft_vocab_size: int = 8192       # most frequent answer tokens the head drafts from (0 = full vocabulary)
     arch: str = "eagle1"               # "eagle1" or "eagle3" (fused layers, own LM head, soft-CE only)
     corpus: str = ""                   # a self-distilled corpus folder (corpus.py) to train on, "" = none
-    corpus_answers: int = 0            # use its first N answers (0 = all)
+    corpus_answers: int = 0            # use its first N answers, grown to N first if it has fewer (0 = all)
     feature_layers: tuple = ()         # eagle3: target layers to fuse, () = vLLM's default (2, L // 2, L - 3)
 
 
 CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus")
 PRESETS = {
-    # The shipped SmolLM2 head's runs 2 and 3 (each continued the previous run with --init; run 3 with --data-offset
-    # 3200 --conversations 1200 --distill 2400 --steps 1200): see its model card.
-    "smollm2-135m": TrainConfig(num_conversations=1500, num_distill=1500, max_len=384, batch_tokens=2048,
-                                steps=900, cls_fraction=0.5),
+    # EAGLE-1: teacher-forced ShareGPT answers + the first 1,500 answers of the shipped corpus (the shipped head's
+    # runs generated their self-distilled answers per run instead: see its model card).
+    "smollm2-135m": TrainConfig(num_conversations=1500, corpus=os.path.join(CORPORA, "smollm2-135m-instruct"),
+                                corpus_answers=1500, max_len=384, batch_tokens=2048, steps=900, cls_fraction=0.5),
     # EAGLE-3 from the shipped corpus: 7-step training-time test, soft cross-entropy over the draft vocabulary.
     "smollm2-135m-eagle3": TrainConfig(arch="eagle3", corpus=os.path.join(CORPORA, "smollm2-135m-instruct"),
                                        num_conversations=0, num_heldout=100, max_len=384, batch_tokens=2048,
@@ -308,19 +306,16 @@ def write_draft_vocab(out: str, ids: torch.Tensor) -> None:
 
 
 def build_sources(target: str, tok, cfg: TrainConfig, data: str, data_path: str | None, work_dir: str):
-    """-> {source name: records}: 'corpus' (cfg.corpus, read later), 'self-distilled' (ShareGPT prompts answered by
-    the target now) and 'teacher-forced' (ShareGPT's own answers)."""
-    n_tf = cfg.num_conversations + cfg.num_heldout if cfg.num_conversations else 0
-    n_sd = cfg.num_distill + cfg.num_heldout if cfg.num_distill else 0
-    records = load_records(data, data_path, cfg.data_offset + n_tf + n_sd)[cfg.data_offset:]
-    sources = {"corpus": []} if cfg.corpus else {}       # the corpus's examples are built from its folder
-    if n_sd:
-        from .distill import self_distill
-        prompts = [r["prompt"] for r in records[n_tf:n_tf + n_sd]]
-        sources["self-distilled"] = self_distill(target, prompts, os.path.join(work_dir, "distill.jsonl"),
-                                                 cfg.distill_max_tokens, log=log)
-    if n_tf:
-        sources["teacher-forced"] = records[:n_tf]
+    """-> {source name: records}: 'corpus' (cfg.corpus, grown to cfg.corpus_answers here if it holds fewer; its
+    examples are read later) and 'teacher-forced' (ShareGPT's or the JSONL's own answers)."""
+    sources = {}
+    if cfg.corpus:
+        from .corpus import ensure_answers
+        ensure_answers(target, cfg.corpus, cfg.corpus_answers, log=log)
+        sources["corpus"] = []
+    if cfg.num_conversations:
+        n_tf = cfg.num_conversations + cfg.num_heldout
+        sources["teacher-forced"] = load_records(data, data_path, cfg.data_offset + n_tf)[cfg.data_offset:]
     return sources
 
 
@@ -518,7 +513,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
     p.add_argument("--steps", type=int)
     p.add_argument("--conversations", type=int, help="teacher-forced conversations (0 = none)")
-    p.add_argument("--distill", type=int, help="conversations whose prompts the target answers itself (0 = none)")
     p.add_argument("--rollout-steps", type=int)
     p.add_argument("--data-offset", type=int, help="skip this many conversations (fresh data when continuing)")
     p.add_argument("--threads", type=int)
@@ -526,17 +520,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", help="start from this head folder's weights (continue training a head)")
     p.add_argument("--arch", choices=("eagle1", "eagle3"), help="head layout (default: the preset's)")
     p.add_argument("--corpus", help="self-distilled corpus folder to train on (see `vllm-eagle corpus`)")
-    p.add_argument("--corpus-answers", type=int, help="use the corpus's first N answers (0 = all)")
+    p.add_argument("--corpus-answers", type=int,
+                   help="use the corpus's first N answers, growing it to N first if it holds fewer (0 = all)")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-len", type=int, help="tokens per training sequence")
     a = p.parse_args(argv)
     cfg = PRESETS[a.preset]
     if a.arch == "eagle3" and cfg.arch != "eagle3":
         cfg = replace(cfg, arch="eagle3", rollout_steps=PRESETS["smollm2-135m-eagle3"].rollout_steps, noise=0.0)
-    overrides = {"steps": a.steps, "num_conversations": a.conversations, "num_distill": a.distill,
-                 "rollout_steps": a.rollout_steps, "arch": a.arch, "corpus": a.corpus, "corpus_answers": a.corpus_answers,
-                 "lr": a.lr, "max_len": a.max_len,
-                 "threads": a.threads, "data_offset": a.data_offset}
+    overrides = {"steps": a.steps, "num_conversations": a.conversations, "rollout_steps": a.rollout_steps,
+                 "arch": a.arch, "corpus": a.corpus, "corpus_answers": a.corpus_answers, "lr": a.lr,
+                 "max_len": a.max_len, "threads": a.threads, "data_offset": a.data_offset}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if a.data[0] not in ("sharegpt", "jsonl") or len(a.data) > 2:
         p.error("--data takes 'sharegpt' [PATH] or 'jsonl' PATH")
