@@ -82,13 +82,22 @@ class Server:
 
 
 def spec_metrics(url: str) -> dict:
-    """Spec-decode counters from /metrics: {drafts, draft_tokens, accepted_tokens}."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    vals = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:spec_decode_num_") and "_total{" in line and "per_pos" not in line:
-            name = line.split("{")[0][len("vllm:spec_decode_num_"):-len("_total")]
-            vals[name] = float(line.rsplit(" ", 1)[1])
+    """Spec-decode counters from the server's /metrics (parse_spec_metrics)."""
+    return parse_spec_metrics(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
+
+
+def parse_spec_metrics(text: str) -> dict:
+    """Prometheus text -> {drafts, draft_tokens, accepted_tokens}: vLLM's spec-decode counters, summed over label
+    sets (engines); the per-position counter is left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+    vals: dict = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("vllm:spec_decode_num_") or "per_pos" in family.name:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                name = sample.name[len("vllm:spec_decode_num_"):-len("_total")]
+                vals[name] = vals.get(name, 0.0) + sample.value
     return vals
 
 

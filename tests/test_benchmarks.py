@@ -120,3 +120,18 @@ def test_closed_loop_refills_the_batch_and_ends_the_steady_state_at_the_first_un
     engine = Engine({"bench-0": 2, "bench-1": 3, "bench-2": 2, "bench-3": 4})
     steady_tokens, _, tokens, _ = closed_loop(SimpleNamespace(llm_engine=engine), ["a", "b", "c", "d"], 2, None)
     assert (steady_tokens, tokens, engine.steps) == (8, 11, 7)
+
+
+def test_spec_metrics_parse_vllm_counters():
+    from benchmarks.serving import parse_spec_metrics
+    text = "\n".join([
+        "# TYPE vllm:spec_decode_num_drafts_total counter",
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 12.0',
+        'vllm:spec_decode_num_drafts_total{engine="1",model_name="m"} 3.0',
+        "# TYPE vllm:spec_decode_num_accepted_tokens_total counter",
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 7.0',
+        "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter",
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",position="0"} 5.0',
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0"} 2.0', ""])
+    assert parse_spec_metrics(text) == {"drafts": 15.0, "accepted_tokens": 7.0}

@@ -376,8 +376,12 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     times["data_s"] = time.time() - t0
     t1 = time.time()
     held, train_ex, train_f, sizes = {}, [], [], {}
+    top1 = held_top1 = None
+    if cfg.arch == "eagle3":                            # the target's argmax everywhere, for loss and eval
+        top1, held_top1, lm_target = [], {}, lm_head.to(COMPUTE_DTYPE)
     for name, records in sources.items():
         path = os.path.join(work_dir, f"features-{name}{'-eagle3' if layers else ''}.pt")
+        top1_path = os.path.join(work_dir, f"top1-{name}.pt")           # EAGLE-3: the target's argmax there
         if os.path.exists(path):
             saved = torch.load(path)
             examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
@@ -393,6 +397,8 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
             log(f"data ({name}): {len(records) if records else len(examples)} conversations -> {len(examples)} "
                 f"examples, {sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
             feats = capture_features(model, examples, layers=layers)
+            if os.path.exists(top1_path):
+                os.remove(top1_path)                    # it belonged to the features replaced here
             torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
                         "features": feats}, path)
         sizes[name] = len(examples)
@@ -400,14 +406,13 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         held[name] = (examples[:n_held], feats[:n_held])
         train_ex += examples[n_held:]
         train_f += feats[n_held:]
+        if top1 is not None:                            # computed once per features file, kept beside it
+            tops = torch.load(top1_path) if os.path.exists(top1_path) else target_top1(lm_target, feats, H)
+            torch.save(tops, top1_path)
+            held_top1[name] = tops[:n_held]
+            top1 += tops[n_held:]
     times["features_s"] = time.time() - t1
     del model
-    top1 = held_top1 = None
-    if cfg.arch == "eagle3":                             # the target's argmax everywhere, once, for loss and eval
-        lm_target = lm_head.to(COMPUTE_DTYPE)
-        top1 = target_top1(lm_target, train_f, H)
-        held_top1 = {name: target_top1(lm_target, f, H) for name, (_, f) in held.items()}
-        del lm_target
     # EAGLE-3 drafts the target's argmax, so its draft vocabulary is the target's most frequent argmax tokens on
     # answer positions (= the answers' tokens for self-distilled text); EAGLE-1's, the answers' most frequent tokens.
     scored = train_ex if top1 is None else [Example(t, F.pad(e.answer_mask[1:], (0, 1))) for t, e in zip(top1, train_ex)]
