@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm import LLM
 
     import vllm_eagle
-    from benchmarks.run import environment, native_method, workloads
+    from benchmarks.common import environment, native_method, workloads
     target = a.target or vllm_eagle.default_target()
     tok = AutoTokenizer.from_pretrained(target)
     wls = {"mtbench": workloads(tok, ["mtbench"], a.prompts)["mtbench"], **category_prompts(tok, a.per_category)}

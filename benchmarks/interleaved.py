@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 
-from benchmarks.run import DEFAULT_TREE, RESULTS, configs, environment, workloads
+from benchmarks.common import DEFAULT_TREE, RESULTS, configs, environment, workloads
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -111,7 +111,7 @@ def tree_attention_rows(reps: int) -> list[dict]:
     from vllm_eagle.tree import compile_tree
     from vllm_eagle.tree_attention import TreeAttentionState, TreeAttentionStep, TreeCPUAttentionImpl
     from vllm_eagle.verify import TreeRow, TreeStep
-    from benchmarks.run import DEFAULT_TREE
+    from benchmarks.common import DEFAULT_TREE
     H_Q, H_KV, D, BS, L, dtype = 9, 3, 64, 128, 300, torch.bfloat16
     tree = compile_tree(DEFAULT_TREE)
     n, nb = tree.num_nodes, -(-(L + tree.num_nodes) // BS)

@@ -23,7 +23,7 @@ def main(which: str, tree: str | None = None) -> None:
     from vllm import LLM, SamplingParams
 
     import vllm_eagle
-    from benchmarks.run import DEFAULT_TREE, workloads
+    from benchmarks.common import DEFAULT_TREE, workloads
     target, head = vllm_eagle.default_target(), vllm_eagle.default_head()
     prompts = workloads(AutoTokenizer.from_pretrained(target), ["mtbench"], 8)["mtbench"]
     spec = {"chain": lambda: vllm_eagle.speculative_kwargs(head),
