@@ -1,4 +1,6 @@
 """Greedy losslessness: with our speculation the target's greedy output is reproduced token for token (fp32)."""
+import os
+
 import pytest
 from conftest import close, generate_ids, make_llm, spec_counters
 from vllm import SamplingParams
@@ -83,6 +85,32 @@ def test_oracle_pair_lossless_with_high_acceptance(oracle):
     assert got == want
     tau = 1 + c["accepted_tokens"] / c["drafts"]
     assert tau > 2.0, c
+
+
+def test_partial_oracle_accepts_about_half_and_stays_lossless(oracle, tmp_path):
+    """A "partial oracle": the oracle head restricted to a draft vocabulary that lacks half of the tokens the target
+    emits, so drafts are right exactly when the target's next token is in it. Chains, a static tree and a dynamic
+    tree then go through accepted, rejected and partly accepted paths (what a trained head exercises) on tiny
+    models, token for token identical to vanilla."""
+    import json
+    import shutil
+    target, head = oracle
+    prompts = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self."]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want, _ = generate_ids(target, prompts, sp)
+    emitted = sorted({t for ids in want for t in ids})
+    vocab = json.load(open(os.path.join(target, "config.json")))["vocab_size"]
+    dropped = set(emitted[::2])                                 # every other token the target emits
+    partial = tmp_path / "partial-oracle"
+    shutil.copytree(head, partial)
+    with open(partial / "draft_vocab.json", "w") as f:
+        json.dump({"token_ids": [t for t in range(vocab) if t not in dropped]}, f)
+    for tree in ("chain", "[(0,), (1,), (0, 0), (0, 0, 0)]", "dynamic"):
+        got, c = generate_ids(target, prompts, sp, vllm_eagle.speculative_kwargs(
+            str(partial), num_speculative_tokens=3 if tree == "chain" else None, tree=tree, adaptive=False))
+        assert got == want, tree
+        first = c["accepted_tokens_per_pos"][0] / c["drafts"]
+        assert 0.2 < first < 0.9 and c["accepted_tokens_per_pos"][1] > 0, (tree, c)     # partly accepted
 
 
 def test_random_head_is_rejected_but_lossless(tiny, tiny_random_head):
