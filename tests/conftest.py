@@ -59,6 +59,13 @@ def smollm2_head():
     return head
 
 
+def tiered(values, fast, ids=None) -> list:
+    """Parameters for pytest.mark.parametrize: the values in `fast` run in both tiers, the others in the full suite
+    only (marked slow), so the fast tier keeps one case of each behaviour."""
+    return [pytest.param(v, id=None if ids is None else ids[i], marks=() if v in fast else pytest.mark.slow)
+            for i, v in enumerate(values)]
+
+
 def make_llm(model, spec=None, dtype="float32", **kw):
     from vllm import LLM
     return LLM(model=model, dtype=dtype, enforce_eager=True, disable_log_stats=False, max_model_len=kw.pop("max_model_len", 1024),

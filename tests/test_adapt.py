@@ -1,7 +1,7 @@
 """Load adaptivity (adapt.py): the gate measures both arms per batch-size bucket, then keeps the faster one and
 explores the other every explore_every-th decision; in the engine it stops a useless head from drafting, losslessly."""
 import pytest
-from conftest import generate_ids, spec_counters
+from conftest import generate_ids, spec_counters, tiered
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -92,7 +92,7 @@ def test_useless_head_is_gated_off_losslessly(tiny, tiny_random_head):
     assert st["gated_steps"] > 0.6 * st["steps"], st
 
 
-@pytest.mark.parametrize("lookup_gate_says", [True, False])
+@pytest.mark.parametrize("lookup_gate_says", tiered([True, False], fast={True}))
 def test_gated_steps_draft_by_lookup_as_the_lookup_gate_says(tiny, tiny_random_head, monkeypatch, lookup_gate_says):
     """With lookup, the steps the gate keeps from drafting ask a second gate whether the lookup rows still draft (no
     head forward). Gates stubbed (what they learn is tested above with simulated timings): the head gate always says

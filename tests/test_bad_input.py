@@ -71,6 +71,7 @@ def test_unknown_plugin_option_is_refused(tiny, tiny_random_head):
         make_llm(tiny, spec)
 
 
+@pytest.mark.slow
 def test_serve_cli_rejects_missing_head(tiny):
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny, "--port", "1",
                         "--speculative-model", "/no/such/head"], capture_output=True, text=True, timeout=180)
@@ -78,6 +79,7 @@ def test_serve_cli_rejects_missing_head(tiny):
     assert "/no/such/head' does not exist" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_serve_cli_rejects_two_spec_flags(tiny, tiny_random_head):
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny, "--port", "1",
                         "--speculative-model", tiny_random_head, "--speculative-config", '{"method": "ngram"}'],

@@ -2,9 +2,12 @@
 import json
 import os
 
+import pytest
+
 from benchmarks.run import Row, combine_rounds, fill_cost_model, main
 
 
+@pytest.mark.slow
 def test_harness_rows_are_well_formed(oracle, tmp_path):
     target, head = oracle
     rows = main(["--target", target, "--head", head, "--workloads", "humaneval", "--batch-sizes", "1", "2",
@@ -45,6 +48,7 @@ def test_harness_rows_are_well_formed(oracle, tmp_path):
     assert len(rows) == len(data["rows"])
 
 
+@pytest.mark.slow
 def test_interleaved_b1_rows_are_well_formed(oracle, tmp_path):
     from benchmarks.interleaved import main as interleaved
     target, head = oracle

@@ -48,6 +48,7 @@ def test_selection_takes_every_turn_balanced_and_never_held_out_or_evaluation(ti
     assert corpus.select_turns(CONVS, tok, 12) == []                      # every prompt over the limit
 
 
+@pytest.mark.slow
 def test_corpus_grows_with_the_targets_greedy_answers(tiny, sharegpt, tmp_path):
     out = str(tmp_path / "corpus")
     first = corpus.grow(tiny, out, 2, max_tokens=12, sharegpt=sharegpt, log=lambda m: None)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import generate_ids
+from conftest import generate_ids, tiered
 from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 
@@ -156,7 +156,7 @@ SHAPES = {"chain": dict(num_speculative_tokens=3),
           "dynamic": dict(tree="dynamic", depth=4, top_k=2, total_tokens=6)}
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", tiered(sorted(SHAPES), fast={"dynamic"}))
 def test_oracle_eagle3_lossless_with_high_acceptance(oracle3, shape):
     """fp32 greedy, continuous batching with chunked prefill: token for token vanilla's, and the oracle's drafts are
     accepted (tau > 2.5 at 3+ draft nodes per step), so the fused-feature path drafts what it should."""

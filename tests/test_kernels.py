@@ -37,7 +37,7 @@ def random_trees(B: int, N: int, seed: int):
     return parent, num
 
 
-@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (5, 26), (2, 64), (7, 13)])
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (5, 26), pytest.param(2, 64, marks=pytest.mark.slow), (7, 13)])
 def test_build_tree_masks_kernel_matches_reference(B, N):
     parent, num = random_trees(B, N, seed=B * 100 + N)
     want = reference.build_tree_masks(parent, num)
@@ -92,7 +92,7 @@ def accept_inputs(B, N, V, seed):
     return cand, first_child, next_sib, argmax, probs, uniform, is_greedy
 
 
-@pytest.mark.parametrize("B,N,V", [(1, 1, 5), (4, 9, 33), (6, 26, 101), (3, 64, 17)])
+@pytest.mark.parametrize("B,N,V", [(1, 1, 5), (4, 9, 33), (6, 26, 101), pytest.param(3, 64, 17, marks=pytest.mark.slow)])
 def test_tree_accept_kernel_matches_reference(B, N, V):
     args = accept_inputs(B, N, V, seed=B + N + V)
     want = reference.tree_accept(*args, max_depth=N - 1 if N > 1 else 1)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import vllm_eagle
 
 
@@ -25,6 +27,7 @@ def test_register_is_idempotent_and_adds_flags():
     assert sum(["--speculative-model" in f for f in flags]) == 1        # added once, not per register() call
 
 
+@pytest.mark.slow
 def test_register_runs_in_engine_core_and_worker(tiny, oracle, tmp_path):
     """Multiprocess engine (the default topology): the plugin loads in front end, EngineCore and worker."""
     target, head = oracle

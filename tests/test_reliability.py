@@ -2,7 +2,7 @@
 request features that assume a linear chain (n > 1, stop strings, logprobs, structured output, penalties) -- all
 lossless against vanilla vLLM with chains, static and dynamic trees (fp32, oracle pair: deep accepted paths)."""
 import pytest
-from conftest import close, generate_ids, make_llm, spec_counters
+from conftest import close, generate_ids, make_llm, spec_counters, tiered
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -10,7 +10,7 @@ import vllm_eagle
 TREE = "[(0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0)]"
 SHAPES = {"chain": dict(num_speculative_tokens=3, adaptive=False), "static": dict(tree=TREE, adaptive=False),
           "dynamic": dict(tree="dynamic", depth=3, top_k=2, total_tokens=5, adaptive=False)}   # every step drafts
-shapes = pytest.mark.parametrize("shape", sorted(SHAPES))
+shapes = pytest.mark.parametrize("shape", tiered(sorted(SHAPES), fast={"dynamic"}))
 PROMPTS = ["def main(", "import os", "class Foo:", "for i in range(", "while True:", "return self.",
            " ".join(["x = [i * i for i in range(10)]"] * 6), "with open(path) as f:"]
 
@@ -94,8 +94,8 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("feature", sorted(FEATURES))
-@pytest.mark.parametrize("shape", ["static", "dynamic"])
+@pytest.mark.parametrize("feature", tiered(sorted(FEATURES), fast={"logprobs", "n=2"}))
+@pytest.mark.parametrize("shape", tiered(["static", "dynamic"], fast={"dynamic"}))
 def test_chain_assuming_features_with_trees(oracle, shape, feature):
     """Each feature either runs through trees losslessly (n, stop strings) or falls back to a chain for that request
     (logprobs, penalties, structured output: vLLM's rejection sampler applies them); greedy output equals vanilla's,

@@ -115,6 +115,7 @@ def test_tiny_preset_learns_and_writes_official_layout(tiny_trained, tiny):
     assert 0 < len(ids) <= 256 and len(set(ids.tolist())) == len(ids) and summary["draft_vocab_coverage"] == 1.0
 
 
+@pytest.mark.slow
 def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained, tiny):
     """Same folder, same prompts, fp32 greedy: vLLM's own EAGLE loop and ours accept the same drafts per position,
     i.e. our head, draft KV and rollout compute what vLLM's draft loop computes."""

@@ -2,7 +2,7 @@
 chains (sampled rows) and prefills mixed in one continuously batched engine."""
 import pytest
 import torch
-from conftest import generate_ids
+from conftest import generate_ids, tiered
 from vllm import SamplingParams
 
 import vllm_eagle
@@ -11,7 +11,7 @@ from vllm_eagle.config import EagleOptionError
 TREE = "[(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]"
 SHAPES = {"static": dict(tree=TREE, adaptive=False),                   # fixed shapes: every step drafts
           "dynamic": dict(tree="dynamic", depth=4, top_k=2, total_tokens=6, adaptive=False)}
-shapes = pytest.mark.parametrize("shape", sorted(SHAPES))
+shapes = pytest.mark.parametrize("shape", tiered(sorted(SHAPES), fast={"dynamic"}))
 
 
 @shapes
@@ -26,7 +26,7 @@ def test_oracle_tree_lossless_and_deep(oracle, shape):
     assert 1 + c["accepted_tokens"] / c["drafts"] > 3.0, c          # depth-3+ paths accepted (oracle: rank 0 right)
 
 
-@pytest.mark.parametrize("scratch", [None, 4, 0], ids=["paths", "mixed", "recompute"])
+@pytest.mark.parametrize("scratch", tiered([None, 4, 0], fast={None}, ids=["paths", "mixed", "recompute"]))
 @shapes
 def test_random_head_tree_lossless(tiny, tiny_random_head, shape, scratch, monkeypatch):
     """Tree attention both ways in the engine: each tree request's paths through vLLM's kernel in scratch blocks
