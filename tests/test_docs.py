@@ -35,6 +35,17 @@ def test_readme_options_table_names_every_option():
     assert not missing, f"README options table lacks {missing}"
 
 
+def test_readme_results_table_is_generated_from_its_result_files():
+    from benchmarks import readme_table
+    text = open(README, encoding="utf-8").read()
+    marker = re.search(r"<!-- results table: python -m benchmarks.readme_table (.+?) -->\n", text)
+    assert marker, "README lacks the results-table marker"
+    files = [os.path.join(ROOT, f) for f in marker.group(1).split()]
+    want = readme_table.table(files)
+    assert text[marker.end():marker.end() + len(want)] == want, "README's results table differs from its files: " \
+        "regenerate it with the marker's command"
+
+
 def test_readme_relative_links_resolve():
     text = open(README, encoding="utf-8").read()
     targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text)
