@@ -127,8 +127,8 @@ def test_accept_on_the_two_tree_step():
     for row, tokens in {0: [13], 1: [2], 2: [3], 3: [7, 30], 8: [32], 9: [1], 10: [33, 35], 11: [9]}.items():
         logits[row, tokens] = 1.5
     sampled = torch.tensor([[-1] * 4, [4, -1, -1, -1], [21, 22, 5, -1], [-1] * 4], dtype=torch.int32)
-    paths = accept_trees(step, logits, torch.tensor([4, 5, 8, 12]), sampled, {})
-    assert {k: v.tolist() for k, v in paths.items()} == {"a": [0, 3], "d": [0, 2, 3]}
+    accepted = accept_trees(step, logits, torch.tensor([4, 5, 8, 12]), sampled, {})
+    assert dict(accepted.paths) == {"a": (0, 3), "d": (0, 2, 3)}
     assert sampled.tolist() == [[13, 7, -1, -1], [4, -1, -1, -1], [21, 22, 5, -1], [32, 33, 9, -1]]
 
 

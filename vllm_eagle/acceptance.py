@@ -19,12 +19,23 @@ E.g. (greedy) parents [-1, 0, 1, 0], tokens [_, 5, 7, 6], target argmax per node
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
 import torch
 
 from vllm_eagle.kernels import tree_accept
 
 from .tree import TreeBuffers
 from .verify import TreeStep
+
+
+@dataclass(frozen=True)
+class TreeAcceptance:
+    """The accept stage's decision for one step's tree rows, read by KV commit and the next step's features."""
+    paths: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # req_id -> accepted nodes (0, a_1, ..., a_m), root first; absent = the request verified no tree this step
 
 
 def child_tables(trees: list[TreeBuffers], N: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +93,8 @@ def target_probs_for(logits: torch.Tensor, temperature: float, top_k: int | None
 
 
 def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Tensor, sampled: torch.Tensor,
-                 sampling: dict[int, tuple[float, int | None, float | None, torch.Generator | None]]) -> dict:
+                 sampling: dict[int, tuple[float, int | None, float | None, torch.Generator | None]]
+                 ) -> TreeAcceptance:
     """Tree acceptance for the rows of `step`, written into `sampled` in place.
 
     logits         [num_sampled_rows, V] target logits of every scheduled spec position (+ bonus rows), any float
@@ -90,7 +102,7 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
     cu_num_sampled [num_reqs] inclusive cumulative sampled rows per request
     sampled        [num_reqs, max_spec_len + 1] int32 vLLM sampler output (-1 padded); tree rows are overwritten
     sampling       {req_index: (temperature, top_k, top_p, generator)} for sampled rows; absent = greedy
-    -> {req_id: accepted path [0, a_1, ..., a_m]} for KV commit and the next step's features
+    -> the accepted path of each row, for KV commit and the next step's features
 
     Logits row of node j of tree b: end_b - n_b + j, end_b = cu_num_sampled[req_index] (its rows are its last n_b).
     E.g. cu_num_sampled [1, 5, 9], trees at requests 1 (4 nodes) and 2 (3 nodes) -> rows [[1, 2, 3, 4], [6, 7, 8, 8]]
@@ -121,6 +133,6 @@ def accept_trees(step: TreeStep, logits: torch.Tensor, cu_num_sampled: torch.Ten
     paths, out = {}, []
     for b, (row, nodes, m) in enumerate(zip(step.rows, path.tolist(), num_accepted.tolist())):
         out.append([tokens[b][i] for i in nodes[1:m + 1]] + [final[b]] + [-1] * (width - m - 1))
-        paths[row.req_id] = torch.tensor(nodes[:m + 1])
+        paths[row.req_id] = tuple(nodes[:m + 1])
     sampled[torch.tensor([r.req_index for r in step.rows])] = torch.tensor(out, dtype=sampled.dtype)
-    return paths
+    return TreeAcceptance(MappingProxyType(paths))

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import torch
 
+from .acceptance import TreeAcceptance
 from .kv_layout import copy_kv_slots, slot_copy_index
 from .verify import TreeStep
 
 
-def commit_accepted_kv(runner, step: TreeStep, paths: dict) -> None:
+def commit_accepted_kv(runner, step: TreeStep, accepted: TreeAcceptance) -> None:
     for g, group in enumerate(runner.kv_cache_config.kv_cache_groups):
         slots = runner.input_batch.block_table[g].slot_mapping.cpu      # [num_scheduled_tokens] this step's slots
         src, dst = [], []
         for row in step.rows:
-            path = paths[row.req_id]
+            path = accepted.paths[row.req_id]
             for j in range(1, len(path)):
-                if int(path[j]) != j:
-                    src.append(int(slots[row.start + int(path[j])]))
+                if path[j] != j:
+                    src.append(int(slots[row.start + path[j]]))
                     dst.append(int(slots[row.start + j]))
         if not src:
             continue

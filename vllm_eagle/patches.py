@@ -21,9 +21,9 @@ P3  CpuPlatform.register_triton_kernel_overrides (vllm/platforms/cpu.py) -> expa
             int32 top-k the expanded tensor is never written: uninitialised memory. Every speculative method
             (native EAGLE, ngram, ours) then verifies sampled requests against a garbage-tempered target
             distribution: not lossless. tests/test_patches.py shows the bug and the fix.
-    What:   after vLLM registers its CPU kernel overrides, registers a dtype-preserving torch implementation
-            (`expand_kernel_impl` below) for "vllm.v1.sample.rejection_sampler.expand_kernel" through vLLM's own
-            `register_kernels` dispatcher.
+    What:   while vLLM registers its CPU kernel overrides, swaps a dtype-preserving torch implementation
+            (`expand_kernel_impl` below) in for "vllm.v1.sample.rejection_sampler.expand_kernel" in the mapping it
+            passes to its own `register_kernels` dispatcher (one rebinding pass over sys.modules, as vLLM's).
     Remove: when `_expand_kernel_impl` writes back into non-int64 outputs upstream.
 P4  rejection_sampler.apply_sampling_constraints (vllm/v1/sample/rejection_sampler.py)
     Why:    on CPU (no Triton) top-k goes through apply_top_k_only, whose `k.max()` raises on an empty batch. A step
@@ -149,10 +149,19 @@ def apply() -> None:
     register_overrides = CpuPlatform.register_triton_kernel_overrides.__func__
 
     def _register_overrides(cls):
-        register_overrides(cls)
-        from vllm.triton_utils.dispatcher import _registry, register_kernels
-        if EXPAND_KERNEL in _registry:                         # vLLM installed its C++ override: replace it
-            register_kernels({EXPAND_KERNEL: expand_kernel_impl})
+        from vllm.triton_utils import dispatcher
+        register = dispatcher.register_kernels
+
+        def register_ours_too(overrides):                      # one pass over sys.modules, not two
+            if EXPAND_KERNEL in overrides:                     # vLLM's C++ override: ours instead
+                overrides = {**overrides, EXPAND_KERNEL: expand_kernel_impl}
+            register(overrides)
+
+        dispatcher.register_kernels = register_ours_too
+        try:
+            register_overrides(cls)
+        finally:
+            dispatcher.register_kernels = register
 
     CpuPlatform.register_triton_kernel_overrides = classmethod(_register_overrides)
 

@@ -12,7 +12,7 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .acceptance import accept_trees
+from .acceptance import TreeAcceptance, accept_trees
 from .config import CONFIG_KEY
 from .features import feature_batch_from_runner
 from .kv_commit import commit_accepted_kv
@@ -32,7 +32,7 @@ class EagleCPUModelRunner(CPUModelRunner):
         super().__init__(*args, **kwargs)
         self._tree_step: TreeAttentionStep | None = None        # this step's trees, None without any
         self._tree_state = TreeAttentionState()                 # scratch blocks and their mirrors, across steps
-        self._accepted_paths: dict = {}                         # req_id -> accepted tree path of the last step
+        self._accepted = TreeAcceptance()                       # the last step's accepted tree paths
 
     def _ours(self) -> bool:
         return isinstance(getattr(self, "drafter", None), EagleProposer)
@@ -67,14 +67,14 @@ class EagleCPUModelRunner(CPUModelRunner):
             # is vanilla's step; its [num_reqs, 1] output parses the same.
             spec_decode_metadata = None
         out = super()._sample(logits, spec_decode_metadata)     # chains: vLLM's rejection sampler, bit for bit
-        self._accepted_paths = {}
+        self._accepted = TreeAcceptance()
         if self._tree_step is not None:
             stats, t0 = self.drafter.stats, time.perf_counter()
-            self._accepted_paths = accept_trees(self._tree_step.layout, logits,
+            self._accepted = accept_trees(self._tree_step.layout, logits,
                                                 spec_decode_metadata.cu_num_sampled_tokens, out.sampled_token_ids,
                                                 self._tree_sampling())
             t1 = time.perf_counter()
-            commit_accepted_kv(self, self._tree_step.layout, self._accepted_paths)
+            commit_accepted_kv(self, self._tree_step.layout, self._accepted)
             stats.accept_s += t1 - t0
             stats.kv_commit_s += time.perf_counter() - t1
             stats.tree_attention_s += self._tree_step.attention_s
@@ -123,7 +123,7 @@ class EagleCPUModelRunner(CPUModelRunner):
         # which may be 0 under load; entries are committed either way.
         num_drafts = scheduler_output.num_spec_tokens_to_schedule
         fb = feature_batch_from_runner(self, scheduler_output, sampled_token_ids, hidden_states, aux_hidden_states,
-                                       common_attn_metadata, num_drafts, self._accepted_paths)
+                                       common_attn_metadata, num_drafts, self._accepted)
         return self.drafter.propose_step(fb)
 
 
