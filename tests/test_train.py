@@ -145,3 +145,19 @@ def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tiny_trained, tiny
     want, _ = generate_ids(tiny, prompts, sp)
     got, _ = generate_ids(tiny, prompts, sp, vllm_eagle.speculative_kwargs(out, num_speculative_tokens=3))
     assert got == want and drafted and set(drafted) <= allowed
+
+
+def test_work_dir_features_are_reused_only_for_the_same_examples(tiny, tmp_path, capsys):
+    """A continued run reuses its work dir's features; more (or other) conversations are captured afresh."""
+    from dataclasses import replace
+    data, work = write_loop_data(tmp_path / "data.jsonl"), str(tmp_path / "work")
+    cfg = replace(PRESETS["tiny"], steps=1, num_conversations=8, num_heldout=2)
+    saved = os.path.join(work, "features-teacher-forced.pt")
+
+    def run(c):
+        train(tiny, str(tmp_path / "head"), c, data="jsonl", data_path=data, work_dir=work)
+        return "features: reusing" in capsys.readouterr().out, len(torch.load(saved)["tokens"])
+
+    assert run(cfg) == (False, 10)                         # (the tiny preset writes no checkpoint to resume)
+    assert run(cfg) == (True, 10)
+    assert run(replace(cfg, num_conversations=12)) == (False, 14)

@@ -145,6 +145,13 @@ def target_top1(lm_head: torch.Tensor, feats: list[torch.Tensor], hidden: int, c
     return out
 
 
+def same_examples(saved: dict, examples: list[Example]) -> bool:
+    """Whether a saved features file was captured for exactly these examples (tokens and answer masks)."""
+    return len(saved["tokens"]) == len(examples) and all(
+        torch.equal(t, e.tokens) and torch.equal(m, e.answer_mask)
+        for t, m, e in zip(saved["tokens"], saved["answer_masks"], examples))
+
+
 def batches(order: list[int], examples: list[Example], batch_tokens: int) -> list[list[int]]:
     """Group examples of similar length so a padded batch holds about batch_tokens tokens."""
     out, cur, longest = [], [], 0
@@ -382,25 +389,25 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     for name, records in sources.items():
         path = os.path.join(work_dir, f"features-{name}{'-eagle3' if layers else ''}.pt")
         top1_path = os.path.join(work_dir, f"top1-{name}.pt")           # EAGLE-3: the target's argmax there
-        if os.path.exists(path):
-            saved = torch.load(path)
-            examples = [Example(t, m) for t, m in zip(saved["tokens"], saved["answer_masks"])]
+        if name == "corpus":
+            from .corpus import examples as corpus_examples
+            examples = corpus_examples(cfg.corpus, tok, cfg.max_len)
+            examples = examples[: cfg.corpus_answers or len(examples)]
+        else:
+            examples = tokenize(tok, records, cfg.max_len)
+        log(f"data ({name}): {len(records) if records else len(examples)} conversations -> {len(examples)} "
+            f"examples, {sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
+        saved = torch.load(path) if os.path.exists(path) else None
+        if saved is not None and same_examples(saved, examples) and tuple(saved.get("layers", layers)) == layers:
             feats = saved["features"]
             log(f"features: reusing {path} ({sum(len(e.tokens) for e in examples)} tokens)")
-        else:
-            if name == "corpus":
-                from .corpus import examples as corpus_examples
-                examples = corpus_examples(cfg.corpus, tok, cfg.max_len)
-                examples = examples[: cfg.corpus_answers or len(examples)]
-            else:
-                examples = tokenize(tok, records, cfg.max_len)
-            log(f"data ({name}): {len(records) if records else len(examples)} conversations -> {len(examples)} "
-                f"examples, {sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
+        else:                                           # none yet, or for other data (a grown corpus, other args)
             feats = capture_features(model, examples, layers=layers)
             if os.path.exists(top1_path):
                 os.remove(top1_path)                    # it belonged to the features replaced here
             torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
-                        "features": feats}, path)
+                        "features": feats, "layers": list(layers)}, path)
+        del saved
         sizes[name] = len(examples)
         n_held = min(cfg.num_heldout, max(1, len(examples) // 10))
         held[name] = (examples[:n_held], feats[:n_held])
