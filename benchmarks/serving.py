@@ -1,14 +1,14 @@
 """`vllm serve` on 127.0.0.1: a server handle (start on a free port, wait for /health, stop by PID) and a streaming
-load generator measuring TTFT, TPOT and throughput at a given concurrency. Used by benchmarks and tests."""
+load through `vllm bench serve` (TTFT, TPOT and throughput at a given concurrency). Used by benchmarks and tests."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -102,7 +102,7 @@ def parse_spec_metrics(text: str) -> dict:
 
 
 def run_clients(client, n: int) -> float:
-    """Run `client` in n threads until every one returns; -> wall seconds."""
+    """Run `client` in n threads until every one returns; -> wall seconds (the soak's clients)."""
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(n)]
     for th in threads:
@@ -113,31 +113,21 @@ def run_clients(client, n: int) -> float:
 
 
 def load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, temperature: float = 0.0) -> dict:
-    """Stream completions for `prompts` with `concurrency` requests in flight; -> TTFT/TPOT medians, throughput."""
-    ttft, tpot, tokens, lock, queue = [], [], [0], threading.Lock(), list(enumerate(prompts))
-
-    def worker():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                _, prompt = queue.pop(0)
-            t0, first, n = time.perf_counter(), [None], [0]
-
-            def on_chunk(c):
-                if c.get("choices") and c["choices"][0].get("text"):
-                    first[0] = first[0] or time.perf_counter()
-                if c.get("usage"):
-                    n[0] = c["usage"]["completion_tokens"]
-            post(url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                           "temperature": temperature, "ignore_eos": True, "stream": True,
-                                           "stream_options": {"include_usage": True}}, stream=True, on_chunk=on_chunk)
-            end = time.perf_counter()
-            with lock:
-                ttft.append(first[0] - t0)
-                tpot.append((end - first[0]) / max(1, n[0] - 1))
-                tokens[0] += n[0]
-
-    wall = run_clients(worker, concurrency)
-    return {"concurrency": concurrency, "requests": len(prompts), "ttft_ms": 1000 * statistics.median(ttft),
-            "tpot_ms": 1000 * statistics.median(tpot), "tokens_per_s": tokens[0] / wall}
+    """`vllm bench serve` against the server: the prompts as they are (already chat-templated), streamed with
+    `concurrency` requests in flight, ignore_eos; -> TTFT/TPOT medians, output throughput."""
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+        cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "bench", "serve", "--backend", "vllm",
+               "--base-url", url, "--model", model, "--dataset-name", "custom", "--skip-chat-template",
+               "--dataset-path", os.path.join(d, "prompts.jsonl"), "--custom-output-len", str(max_tokens),
+               "--num-prompts", str(len(prompts)), "--max-concurrency", str(concurrency), "--ignore-eos",
+               "--temperature", str(temperature), "--disable-tqdm", "--save-result", "--result-dir", d,
+               "--result-filename", "result.json"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"vllm bench serve failed ({run.returncode}): {run.stderr[-3000:]}")
+        with open(os.path.join(d, "result.json")) as f:
+            r = json.load(f)
+    return {"concurrency": concurrency, "requests": r["completed"], "ttft_ms": r["median_ttft_ms"],
+            "tpot_ms": r["median_tpot_ms"], "tokens_per_s": r["output_throughput"]}
