@@ -150,7 +150,7 @@ class ServeRow:
 def serve_rows(target: str, head: str, k: int, concurrencies: list[int], prompts: list[str], max_tokens: int,
                dtype: str, log_dir: str) -> list[ServeRow]:
     """Each config behind `vllm serve` on 127.0.0.1, streaming load at each concurrency (a warm-up request first)."""
-    from .serving import Server, load, spec_metrics
+    from .serving import Server, load, post, spec_metrics
     common = ("--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
               "--no-enable-prefix-caching")
     method = native_method(head)
@@ -161,7 +161,7 @@ def serve_rows(target: str, head: str, k: int, concurrencies: list[int], prompts
     for name, extra in cfgs.items():
         print(f"[bench] serve {name}", flush=True)
         with Server(target, *common, *extra, log=os.path.join(log_dir, f"serve-{name}.log")) as srv:
-            load(srv.url, target, prompts[:1], 1, 16)
+            post(srv.url + "/v1/completions", {"model": target, "prompt": prompts[0], "max_tokens": 16})  # warm-up
             for c in concurrencies:
                 before = spec_metrics(srv.url)
                 m = load(srv.url, target, prompts[: max(2 * c, 4)], c, max_tokens)

@@ -94,8 +94,12 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("feature", tiered(sorted(FEATURES), fast={"logprobs", "n=2"}))
-@pytest.mark.parametrize("shape", tiered(["static", "dynamic"], fast={"dynamic"}))
+# Features that run through trees are checked with both shapes; the chain fallback is the same for every shape.
+CASES = [("dynamic", f) for f in sorted(FEATURES)] + [("static", "n=2"), ("static", "stop string")]
+
+
+@pytest.mark.parametrize("shape,feature", tiered(CASES, fast={("dynamic", "logprobs"), ("dynamic", "n=2")},
+                                                 ids=[f"{s}-{f}" for s, f in CASES]))
 def test_chain_assuming_features_with_trees(oracle, shape, feature):
     """Each feature either runs through trees losslessly (n, stop strings) or falls back to a chain for that request
     (logprobs, penalties, structured output: vLLM's rejection sampler applies them); greedy output equals vanilla's,

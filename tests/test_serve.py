@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import soak
-from benchmarks.serving import Server, post, spec_metrics
+from benchmarks.serving import Server, load, post, spec_metrics
 
 pytestmark = pytest.mark.slow                     # real model behind `vllm serve`: the full suite only
 
@@ -50,9 +50,12 @@ def test_serve_speculative_model_matches_vanilla(smollm2, smollm2_head, vanilla_
     try:
         ours = run_requests(srv.url, smollm2)
         metrics = spec_metrics(srv.url)
+        bench = load(srv.url, smollm2, [PROMPT, CHAT[0]["content"], PROMPT], concurrency=2, max_tokens=8)
     finally:
         srv.stop()
     assert srv.proc.poll() is not None                    # stopped by its PID
+    assert bench["requests"] == 3 and bench["concurrency"] == 2, bench   # the benchmarks' `vllm bench serve` load
+    assert bench["tokens_per_s"] > 0 and bench["ttft_ms"] > 0 and bench["tpot_ms"] > 0, bench
     assert ours == vanilla_answers[0]
     assert ours["completion"] == ours["completion_stream"] and ours["chat"] == ours["chat_stream"]
     assert metrics["drafts"] > 0 and metrics["draft_tokens"] == 3 * metrics["drafts"]
