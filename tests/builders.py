@@ -10,7 +10,8 @@ import torch
 
 
 def make_tiny_llama(out: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                    vocab: int = 1024, seed: int = 0) -> str:
+                    vocab: int = 1024, seed: int = 0, **config) -> str:
+    """A random Llama in `out` (config= adds LlamaConfig fields, e.g. rope_parameters), reused if already there."""
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -32,7 +33,7 @@ def make_tiny_llama(out: str, hidden: int = 128, layers: int = 2, heads: int = 4
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                       max_position_embeddings=2048, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False)
+                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False, **config)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 

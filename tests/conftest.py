@@ -62,7 +62,8 @@ def smollm2_head():
 def tiered(values, fast, ids=None) -> list:
     """Parameters for pytest.mark.parametrize: the values in `fast` run in both tiers, the others in the full suite
     only (marked slow), so the fast tier keeps one case of each behaviour. Tuples fill several argument names."""
-    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=None if ids is None else ids[i], marks=() if v in fast else pytest.mark.slow)
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=None if ids is None else ids[i],
+                         marks=() if v in fast else pytest.mark.slow)
             for i, v in enumerate(values)]
 
 

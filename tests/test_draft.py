@@ -11,7 +11,7 @@ from vllm_eagle.features import FeatureBatch
 from vllm_eagle.tree import chain, compile_tree
 
 CFG = HeadConfig(hidden_size=48, intermediate_size=96, num_heads=6, num_kv_heads=2, head_dim=8, vocab_size=37,
-                 rms_norm_eps=1e-6, rope_theta=10000.0)
+                 rms_norm_eps=1e-6)
 
 
 def feature_batch(req_ids, features, query_start, start_pos, num_committed, drafting, token_ids, finished=()):
@@ -235,3 +235,33 @@ def test_packed_head_computes_what_its_layers_compute(dtype, tol):
 def test_lookup_draft_takes_what_followed_the_tail_before(tokens, k, want):
     from vllm_eagle.lookup import lookup_draft
     assert lookup_draft(np.array(tokens, dtype=np.int32), k) == want
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_head_rotates_as_the_target_for_any_rope_scaling(rope):
+    """The head's RoPE (vLLM's rotary-embedding factory, from the target's config) equals HF Llama's for the same
+    config, scaling and attention factor included, at positions past the scaled range."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from vllm_eagle.draft_head import rope_cos_sin
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=1024, rope_parameters=ROPES[rope])
+    cfg = HeadConfig.from_hf_dict(hf.to_dict())
+    pos = torch.tensor([0, 1, 63, 64, 200, 1023])
+    cos, sin = rope_cos_sin(pos, cfg, torch.float32)
+    want_cos, want_sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, len(pos), 32), pos[None])
+    torch.testing.assert_close(cos, want_cos[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin, want_sin[0], rtol=1e-5, atol=1e-5)
+    if rope != "default":                                  # the scaling changes the rotation
+        plain, _ = rope_cos_sin(pos, HeadConfig.from_hf_dict({**hf.to_dict(), "rope_parameters": ROPES["default"]}),
+                                torch.float32)
+        assert not torch.allclose(cos, plain, atol=1e-3)

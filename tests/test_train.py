@@ -75,7 +75,7 @@ def test_rollout_matches_step_by_step_recompute():
     """Step j of the parallel rollout equals running the head entry by entry (as the draft loop does) from every
     start position, with the true next tokens as draft tokens (fp32)."""
     cfg = HeadConfig(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=50,
-                     rms_norm_eps=1e-6, rope_theta=10000.0)
+                     rms_norm_eps=1e-6)
     head = EagleHead(cfg).eval()
     B, T, steps = 2, 11, 3
     feats, emb_next = torch.randn(B, T, 32), torch.randn(B, T, 32)
@@ -119,16 +119,32 @@ def test_tiny_preset_learns_and_writes_official_layout(tiny_trained, tiny):
 def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained, tiny):
     """Same folder, same prompts, fp32 greedy: vLLM's own EAGLE loop and ours accept the same drafts per position,
     i.e. our head, draft KV and rollout compute what vLLM's draft loop computes."""
-    out, _ = tiny_trained
+    assert_native_and_ours_agree(tiny, tiny_trained[0])
+
+
+def test_llama3_rope_target_runs_and_drafts_as_native(models_dir, tmp_path):
+    """A target with Llama-3 RoPE scaling (refused before heads took vLLM's rotary embeddings) trains a head that
+    drafts exactly as vLLM's native EAGLE does with it: the head rotates as vLLM's Llama does under the scaling."""
+    from builders import make_tiny_llama
+    target = make_tiny_llama(os.path.join(models_dir, "tiny-llama3"), rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    out = str(tmp_path / "head")
+    train(target, out, PRESETS["tiny"], data="jsonl", data_path=write_loop_data(tmp_path / "data.jsonl"))
+    assert dict(HeadConfig.from_dir(out).rope)["rope_type"] == "llama3"
+    assert_native_and_ours_agree(target, out)
+
+
+def assert_native_and_ours_agree(target: str, out: str) -> None:
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = ["def main(", "for i in", "write a loop", "print("]
     results, accepted = {}, {}
     for name, spec in (("native", {"speculative_config": {"method": "eagle", "model": out, "num_speculative_tokens": 2}}),
                        ("ours", vllm_eagle.speculative_kwargs(out, num_speculative_tokens=2, draft_vocab=False,
                                                          adaptive=False))):      # every step drafts, as native
-        results[name], c = generate_ids(tiny, prompts, sp, spec)
+        results[name], c = generate_ids(target, prompts, sp, spec)
         accepted[name] = (c["drafts"], c["accepted_tokens_per_pos"])
-    assert results["native"] == results["ours"]
+    assert results["native"] == results["ours"] == generate_ids(target, prompts, sp)[0]
     assert accepted["native"] == accepted["ours"] and sum(accepted["ours"][1]) > 0, accepted
 
 

@@ -20,9 +20,11 @@ The embedding is the target's unless the folder brings its own `embed_tokens.wei
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +48,8 @@ class HeadConfig:
     head_dim: int
     vocab_size: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: tuple = (("rope_theta", 10000.0), ("rope_type", "default"))   # the target's RoPE parameters, sorted
+    max_position: int = 4096              # positions the RoPE table covers (the target's max_position_embeddings)
     eagle3: bool = False                  # the EAGLE-3 layout (fused features, own norm and LM head)
     draft_vocab_size: int = 0             # EAGLE-3: rows of its lm_head (= vocab_size when it has no d2t)
     target_hidden_size: int = 0           # EAGLE-3: hidden size of the fused target layers
@@ -55,11 +58,12 @@ class HeadConfig:
 
     @classmethod
     def from_hf_dict(cls, c: dict) -> "HeadConfig":
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise HeadConfigError(f"rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported by the "
-                                  "EAGLE head (only default RoPE)")
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+        rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"   # older configs: "type"
+        if c.get("partial_rotary_factor", 1.0) != 1.0:
+            raise HeadConfigError(f"partial_rotary_factor {c['partial_rotary_factor']} (RoPE on part of each head) "
+                                  "is not supported by the EAGLE head")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in c]
         if missing:
             raise HeadConfigError(f"head config.json lacks {missing}: an EAGLE head config is a 1-layer Llama config "
@@ -86,8 +90,9 @@ class HeadConfig:
         return cls(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
                    num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-                   vocab_size=c["vocab_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                   **extra)
+                   vocab_size=c["vocab_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+                   rope=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items())),
+                   max_position=int(c.get("max_position_embeddings", 4096)), **extra)
 
     @classmethod
     def from_dir(cls, path: str) -> "HeadConfig":
@@ -103,7 +108,7 @@ class HeadConfig:
     def to_hf_dict(self, target: dict) -> dict:
         """A 1-layer Llama config in this layout, copying token ids and RoPE from the target config."""
         keep = {k: target[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings", "hidden_act",
-                                       "rope_parameters", "rope_theta") if k in target}
+                                       "rope_parameters", "rope_scaling", "rope_theta") if k in target}
         out = dict(keep, architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
                    hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
@@ -184,12 +189,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+@functools.lru_cache(maxsize=8)
+def rope_table(head_dim: int, max_position: int, rope: tuple) -> torch.Tensor:
+    """[max_position, head_dim] float32: cat(cos, sin) halves per position from vLLM's rotary-embedding factory, so
+    the head rotates exactly as the target's attention does under whatever scaling its config names (default,
+    llama3, linear, YaRN, ...)."""
+    from vllm.config import VllmConfig, get_current_vllm_config_or_none, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in rope}
+    context = nullcontext() if get_current_vllm_config_or_none() else set_current_vllm_config(VllmConfig())
+    with context:                                    # vLLM's rotary embeddings are custom ops: they read the config
+        table = get_rope(head_dim, max_position, True, params, torch.float32).cos_sin_cache
+    return table.to(torch.float32).contiguous()
+
+
+def rope_cos_sin(positions: torch.Tensor, cfg: "HeadConfig", dtype: torch.dtype):
     """positions [T] -> cos, sin [T, head_dim] (neox / HF Llama rotate-half layout)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    ang = positions.to(torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([ang, ang], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cs = rope_table(cfg.head_dim, cfg.max_position, cfg.rope)[positions]
+    cos, sin = cs.chunk(2, dim=-1)
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -333,7 +351,7 @@ class EagleHead(nn.Module):
         else:                                        # [T, nh + 2 nkv, hd] split into views, no copies
             q, k, v = self.packed["qkv"](a).view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim).split(
                 [c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, c, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
