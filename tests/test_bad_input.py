@@ -1,4 +1,5 @@
 """Bad input fails at start-up with an error that names the problem and the fix."""
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,29 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
         EngineArgs(model=tiny, dtype="float32", **spec).create_engine_config()
     with pytest.raises(HeadConfigError, match=field):
         make_llm(tiny, spec)
+
+
+@pytest.mark.parametrize("config,feature", [({"sliding_window": 64}, "sliding window"),
+                                            ({"attn_logit_softcapping": 50.0}, "attention logits soft cap")])
+def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_random_head, tmp_path, config, feature):
+    """Trees on a target whose attention tree verification cannot run fail where the engine's config is built (not
+    at the first tree step of a running engine); chains on it pass that check."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+    target = str(tmp_path / "target")
+    shutil.copytree(tiny, target)
+    with open(os.path.join(target, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(target, "config.json"), "w") as f:
+        json.dump({**cfg, **config}, f)
+    for tree in ("dynamic", "[(0,), (1,)]"):
+        with pytest.raises(EagleOptionError, match=f"tree=.* does not support this target's {feature}.*use a chain"):
+            EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
+                       ).create_engine_config()
+    for tree in ("chain", "[(0,), (0, 0)]"):                # a path-tuple chain verifies as a chain
+        EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
+                   ).create_engine_config()
 
 
 def test_prefix_caching_is_refused_at_start(tiny, tiny_random_head):

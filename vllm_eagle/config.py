@@ -45,6 +45,14 @@ class EagleOptions:
     min_confidence: float = 0.0                   # chains: a row's head drafts stop where their cumulative draft
                                                   # probability falls below this (EAGLE-2's confidence; 0 = off)
 
+    @property
+    def uses_trees(self) -> bool:
+        """Whether steps verify trees (tree attention) rather than chains (vLLM's own verification)."""
+        if self.tree in ("chain", DYNAMIC):
+            return self.tree == DYNAMIC
+        from .tree import compile_tree
+        return not compile_tree(self.tree).is_chain
+
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
             raise EagleOptionError(f"num_speculative_tokens must be a positive integer, got {self.num_speculative_tokens!r}"
@@ -162,7 +170,25 @@ def check_engine_config(vllm_config) -> "EagleOptions | None":
                                "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
                                "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
     check_head_matches_target(read_config(options.head), vllm_config.model_config.hf_config.to_dict(), options.head)
+    unsupported = tree_attention_unsupported(vllm_config) if options.uses_trees else []
+    if unsupported:
+        raise EagleOptionError(f"tree={options.tree!r} verifies through vllm-eagle's tree attention, which does not "
+                               f"support this target's {', '.join(unsupported)}: use a chain (tree='chain', the "
+                               "default) for this model")
     return options
+
+
+def tree_attention_unsupported(vllm_config) -> list[str]:
+    """What the target's attention uses that tree verification cannot run, as its config tells before any engine
+    starts (tree_attention.TreeCPUAttentionImpl checks its layers again at the first tree step)."""
+    text, cache = vllm_config.model_config.hf_text_config, vllm_config.cache_config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    return [name for name, bad in (
+        ("sliding window", vllm_config.model_config.get_sliding_window() is not None),
+        ("attention logits soft cap", softcap not in (None, 0, 0.0)),
+        ("ALiBi", bool(getattr(text, "alibi", False) or getattr(text, "position_embedding_type", "") == "alibi")),
+        (f"{cache.cache_dtype} KV cache", str(cache.cache_dtype).startswith("fp8")),
+    ) if bad]
 
 
 def validate_against_target(head: str, target: str | None) -> None:
