@@ -26,6 +26,9 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -c "from vllm import LLM, SamplingParams" 2>/dev/null
   touch "$STAMP"
 fi
+# `vllm bench serve --dataset-name custom` (benchmarks.serving.load) reads its JSONL with pandas; added to venvs
+# made before it was needed, too.
+"$VENV/bin/python" -c "import pandas" 2>/dev/null || pipq install -q pandas
 # FIX 3 (VLLM_CPU_KVCACHE_SPACE: the VM's NUMA node under-reports memory) is set by scripts/main.sh, scripts/test.sh
 # and the vllm-eagle CLI.
 pipq install -q --no-deps -e "$ROOT"

@@ -12,9 +12,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=64)
 
 
 def generate(llm, prompts, one_at_a_time: bool) -> list[list[int]]:
-    """All prompts batched, or one request at a time on one prompt per MT-Bench category (every other prompt)."""
+    """All prompts batched, or one request at a time on every fourth (writing, reasoning, coding, STEM)."""
     if one_at_a_time:
-        return [list(llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts[::2]]
+        return [list(llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts[::4]]
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
@@ -45,15 +45,14 @@ def test_smollm2_greedy_identical_to_vanilla(smollm2, smollm2_head, mtbench_prom
     """Chains (K = 1, 3; K = 5 cut where the head's cumulative draft probability falls below 0.2, so rows draft 0-5
     tokens; K = 3 again with rows whose context repeats drafting 5 tokens by prompt lookup), a static tree and an
     EAGLE-2 dynamic tree (8 nodes: masks, tree positions and KV commit on a real model). All 16 prompts batched;
-    the plain chain and the dynamic tree also one request at a time."""
+    the dynamic tree also one request at a time."""
     assert len(mtbench_prompts) == 16
     llm = make_llm(smollm2, vllm_eagle.speculative_kwargs(smollm2_head, num_speculative_tokens=k, tree=tree,
                                                           target=smollm2, adaptive=False,       # every step drafts
                                                           lookup=lookup, min_confidence=confidence))
-    alone = (k, tree, lookup, confidence) in ((3, "chain", 0, 0), (8, "dynamic", 0, 0))
-    for one_at_a_time in (True, False) if alone else (False,):
+    for one_at_a_time in (True, False) if tree == "dynamic" else (False,):
         got = generate(llm, mtbench_prompts, one_at_a_time)
-        assert len(got) == len(vanilla[one_at_a_time]) == (8 if one_at_a_time else 16)
+        assert len(got) == len(vanilla[one_at_a_time]) == (4 if one_at_a_time else 16)
         for i, (a, b) in enumerate(zip(got, vanilla[one_at_a_time])):
             assert a == b, f"prompt {i} (batch-1={one_at_a_time}, K={k}, lookup={lookup}) diverges at token " \
                            f"{next(j for j, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)}"
