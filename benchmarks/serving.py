@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict, stream: bool = False, on_chunk=None):
+def post(url: str, body: dict, stream: bool = False):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         if not stream:
@@ -30,8 +30,6 @@ def post(url: str, body: dict, stream: bool = False, on_chunk=None):
             line = line.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[6:]))
-                if on_chunk:
-                    on_chunk(chunks[-1])
         return chunks
 
 

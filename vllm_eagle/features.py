@@ -58,7 +58,7 @@ def tree_verifiable(sp) -> bool:
 
 def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[list[int]],
                               hidden_states: torch.Tensor, aux_hidden_states, common_attn_metadata,
-                              num_drafts: int, accepted: TreeAcceptance | None = None) -> FeatureBatch:
+                              num_drafts: int, accepted: TreeAcceptance = TreeAcceptance()) -> FeatureBatch:
     batch = runner.input_batch
     n = batch.num_reqs
     qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
@@ -74,7 +74,7 @@ def feature_batch_from_runner(runner, scheduler_output, sampled_token_ids: list[
     aux = torch.cat(aux_hidden_states, dim=-1) if aux_hidden_states else None
     row_of = {rid: r for r, rid in enumerate(batch.req_ids[:n])}
     tree_paths = {row_of[rid]: np.asarray(path, dtype=np.int64)          # accept stage: {req_id: [0, a_1, .., a_m]}
-                  for rid, path in (accepted.paths if accepted else {}).items() if rid in row_of}
+                  for rid, path in accepted.paths.items() if rid in row_of}
     return FeatureBatch(
         req_ids=list(batch.req_ids[:n]), features=hidden_states, aux_features=aux, query_start=qsl,
         start_pos=seq_lens - scheduled, num_committed=num_committed, drafting=drafting,
