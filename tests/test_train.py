@@ -163,17 +163,38 @@ def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tiny_trained, tiny
     assert got == want and drafted and set(drafted) <= allowed
 
 
-def test_work_dir_features_are_reused_only_for_the_same_examples(tiny, tmp_path, capsys):
-    """A continued run reuses its work dir's features; more (or other) conversations are captured afresh."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny-eagle3"])
+def test_work_dir_features_are_reused_for_the_examples_they_were_captured_for(preset, tiny, tmp_path, capsys):
+    """A continued run reuses its work dir's features (EAGLE-3: and the target's argmax) for the leading examples
+    they were captured for and captures only the rest: a grown corpus or more conversations cost their new examples."""
+    import re
     from dataclasses import replace
-    data, work = write_loop_data(tmp_path / "data.jsonl"), str(tmp_path / "work")
-    cfg = replace(PRESETS["tiny"], steps=1, num_conversations=8, num_heldout=2)
-    saved = os.path.join(work, "features-teacher-forced.pt")
 
-    def run(c):
-        train(tiny, str(tmp_path / "head"), c, data="jsonl", data_path=data, work_dir=work)
-        return "features: reusing" in capsys.readouterr().out, len(torch.load(saved)["tokens"])
+    from vllm_eagle.train.train_head import COMPUTE_DTYPE, load_target, target_top1
+    data = write_loop_data(tmp_path / "data.jsonl")
+    cfg = replace(PRESETS[preset], steps=1, num_conversations=8, num_heldout=2, feature_layers=(0, 1, 2))
+    suffix = "-eagle3" if cfg.arch == "eagle3" else ""
 
-    assert run(cfg) == (False, 10)                         # (the tiny preset writes no checkpoint to resume)
-    assert run(cfg) == (True, 10)
-    assert run(replace(cfg, num_conversations=12)) == (False, 14)
+    def run(c, work="work"):
+        train(tiny, str(tmp_path / "head"), c, data="jsonl", data_path=data, work_dir=str(tmp_path / work))
+        m = re.search(r"features: reusing (\d+) of (\d+) examples", capsys.readouterr().out)
+        saved = torch.load(tmp_path / work / f"features-teacher-forced{suffix}.pt")
+        return (int(m[1]) if m else 0), len(saved["tokens"])
+
+    assert run(cfg) == (0, 10)                             # (the tiny presets write no checkpoint to resume)
+    assert run(cfg) == (10, 10)
+    grown = replace(cfg, num_conversations=12)
+    assert run(grown) == (10, 14)                          # the first 10 reused, 4 captured, 14 kept
+    assert run(grown, "fresh") == (0, 14)
+    kept = torch.load(tmp_path / "work" / f"features-teacher-forced{suffix}.pt")["features"]
+    fresh = torch.load(tmp_path / "fresh" / f"features-teacher-forced{suffix}.pt")["features"]
+    for a, b in zip(kept, fresh):                          # bf16 rows, batched differently
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    if suffix:                                             # the argmax rows line up with their examples
+        _, model = load_target(tiny)
+        lm = model.get_output_embeddings().weight.detach().to(torch.bfloat16).to(COMPUTE_DTYPE)   # as train() does
+        hidden = model.config.hidden_size
+        tops = torch.load(tmp_path / "work" / "top1-teacher-forced.pt")
+        assert len(tops) == 14 and all(torch.equal(t, w) for t, w in zip(tops, target_top1(lm, kept, hidden)))
+    assert run(cfg) == (10, 14)                            # fewer: a prefix of the saved ones, which stay
+    assert run(replace(cfg, data_offset=1)) == (0, 10)     # other conversations: captured afresh

@@ -145,11 +145,15 @@ def target_top1(lm_head: torch.Tensor, feats: list[torch.Tensor], hidden: int, c
     return out
 
 
-def same_examples(saved: dict, examples: list[Example]) -> bool:
-    """Whether a saved features file was captured for exactly these examples (tokens and answer masks)."""
-    return len(saved["tokens"]) == len(examples) and all(
-        torch.equal(t, e.tokens) and torch.equal(m, e.answer_mask)
-        for t, m, e in zip(saved["tokens"], saved["answer_masks"], examples))
+def shared_prefix(saved: dict, examples: list[Example]) -> int:
+    """How many leading examples a saved features file was captured for (same tokens and answer masks): a grown
+    corpus or more conversations share the saved ones' prefix, and only the rest needs the target."""
+    n = 0
+    for t, m, e in zip(saved["tokens"], saved["answer_masks"], examples):
+        if not (torch.equal(t, e.tokens) and torch.equal(m, e.answer_mask)):
+            break
+        n += 1
+    return n
 
 
 def batches(order: list[int], examples: list[Example], batch_tokens: int) -> list[list[int]]:
@@ -398,13 +402,12 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         log(f"data ({name}): {len(records) if records else len(examples)} conversations -> {len(examples)} "
             f"examples, {sum(int(e.answer_mask.sum()) for e in examples)} answer tokens")
         saved = torch.load(path) if os.path.exists(path) else None
-        if saved is not None and same_examples(saved, examples) and tuple(saved.get("layers", layers)) == layers:
-            feats = saved["features"]
-            log(f"features: reusing {path} ({sum(len(e.tokens) for e in examples)} tokens)")
-        else:                                           # none yet, or for other data (a grown corpus, other args)
-            feats = capture_features(model, examples, layers=layers)
-            if os.path.exists(top1_path):
-                os.remove(top1_path)                    # it belonged to the features replaced here
+        reused = 0 if saved is None or tuple(saved.get("layers", layers)) != layers else shared_prefix(saved, examples)
+        feats = saved["features"][:reused] if reused else []
+        if reused:
+            log(f"features: reusing {reused} of {len(examples)} examples from {path}")
+        if reused < len(examples):                      # none yet, a grown corpus, more or other conversations
+            feats += capture_features(model, examples[reused:], layers=layers)
             torch.save({"tokens": [e.tokens for e in examples], "answer_masks": [e.answer_mask for e in examples],
                         "features": feats, "layers": list(layers)}, path)
         del saved
@@ -413,9 +416,11 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
         held[name] = (examples[:n_held], feats[:n_held])
         train_ex += examples[n_held:]
         train_f += feats[n_held:]
-        if top1 is not None:                            # computed once per features file, kept beside it
-            tops = torch.load(top1_path) if os.path.exists(top1_path) else target_top1(lm_target, feats, H)
-            torch.save(tops, top1_path)
+        if top1 is not None:                            # computed once per feature row, kept beside the features
+            tops = (torch.load(top1_path) if reused and os.path.exists(top1_path) else [])[:reused]
+            if len(tops) < len(feats):
+                tops += target_top1(lm_target, feats[len(tops):], H)
+                torch.save(tops, top1_path)
             held_top1[name] = tops[:n_held]
             top1 += tops[n_held:]
     times["features_s"] = time.time() - t1
