@@ -1,5 +1,6 @@
-"""Synthetic models for tests and benchmarks: a tiny random Llama with an offline BPE tokenizer, random EAGLE-1 heads,
-and the oracle pair (a target whose layers are identities and a head that provably drafts its next token)."""
+"""Synthetic models for tests and benchmarks: tiny random targets (Llama, Qwen2/3, Mistral, Gemma-3) with an offline
+BPE tokenizer, random EAGLE-1 heads, and the oracle pair (a target whose layers are identities and a head that
+provably drafts its next token)."""
 from __future__ import annotations
 
 import glob
@@ -9,13 +10,30 @@ import os
 import torch
 
 
-def make_tiny_llama(out: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                    vocab: int = 1024, seed: int = 0, **config) -> str:
-    """A random Llama in `out` (config= adds LlamaConfig fields, e.g. rope_parameters), reused if already there."""
+# Tiny random targets per architecture: (transformers config class, model class, config fields beyond the shared
+# ones). Each exercises what sets its family apart in vLLM: Qwen2 (q/k/v bias, tied embedding), Qwen3 (q/k norm, a
+# head_dim other than hidden / heads), Mistral (every layer sliding-window), Gemma-3 (scaled embedding, sliding and
+# full layers mixed, query_pre_attn_scalar, (1 + w) norms, tied embedding).
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=48)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+def make_tiny_target(out: str, arch: str = "llama", hidden: int = 128, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, vocab: int = 1024, seed: int = 0, **config) -> str:
+    """A random `arch` model (ARCHITECTURES) in `out` with an offline BPE tokenizer (config= adds config fields, e.g.
+    rope_parameters), reused if already there."""
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     os.makedirs(out, exist_ok=True)
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:60]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -30,11 +48,13 @@ def make_tiny_llama(out: str, hidden: int = 128, layers: int = 2, heads: int = 4
                             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
     hf_tok.save_pretrained(out)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                      max_position_embeddings=2048, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False, **config)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    config_cls, model_cls, fields = ARCHITECTURES[arch]
+    cfg = getattr(transformers, config_cls)(
+        **{**dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  max_position_embeddings=2048, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                  pad_token_id=hf_tok.pad_token_id), **fields, **config})
+    getattr(transformers, model_cls)(cfg).save_pretrained(out)
     return out
 
 

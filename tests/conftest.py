@@ -16,7 +16,7 @@ import torch
 from vllm_eagle.metrics import spec_counters  # noqa: F401  (re-exported for tests)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from builders import make_oracle_pair, make_random_head, make_tiny_llama  # noqa: E402
+from builders import make_oracle_pair, make_random_head, make_tiny_target  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(models_dir):
-    return make_tiny_llama(os.path.join(models_dir, "tiny"))
+    return make_tiny_target(os.path.join(models_dir, "tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from builders import make_random_head
 from conftest import make_llm
 
@@ -80,6 +81,22 @@ def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_rand
     for tree in ("chain", "[(0,), (0, 0)]"):                # a path-tuple chain verifies as a chain
         EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
                    ).create_engine_config()
+
+
+def test_tree_wider_than_the_draft_vocabulary_is_refused_at_start(tiny, head_copy):
+    """A node ranks top_k candidates from the head's draft vocabulary: a narrower vocabulary fails where the
+    engine's config is built, naming both numbers (a mid-run topk error otherwise)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_eagle.train.train_head import write_draft_vocab
+    write_draft_vocab(str(head_copy), torch.tensor([5, 9]))
+    for shape in (dict(tree="dynamic", top_k=3), dict(tree="[(0,), (1,), (2,)]")):
+        with pytest.raises(EagleOptionError, match=r"ranks 3 candidates per node.*drafts from 2 tokens.*"
+                                                   r"draft_vocab=False"):
+            EngineArgs(model=tiny, dtype="float32", **vllm_eagle.speculative_kwargs(str(head_copy), **shape)
+                       ).create_engine_config()
+    EngineArgs(model=tiny, dtype="float32", **vllm_eagle.speculative_kwargs(str(head_copy), tree="dynamic", top_k=2)
+               ).create_engine_config()
 
 
 def test_prefix_caching_is_refused_at_start(tiny, tiny_random_head):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 
 import vllm_eagle
-from builders import make_eagle3_head, make_oracle_pair, make_tiny_llama, write_loop_data
+from builders import make_eagle3_head, make_oracle_pair, make_tiny_target, write_loop_data
 from vllm_eagle.draft import commit_entries, draft_chain
 from vllm_eagle.draft_head import HeadConfigError, check_head_matches_target, load_head, read_config
 from vllm_eagle.draft_kv import DraftKVCache
@@ -25,7 +25,7 @@ LAYERS = (1, 2, 3)          # a 4-layer target: vLLM's default (2, L // 2, L - 3
 
 @pytest.fixture(scope="module")
 def tiny4(models_dir):
-    return make_tiny_llama(os.path.join(models_dir, "tiny4"), layers=4)
+    return make_tiny_target(os.path.join(models_dir, "tiny4"), layers=4)
 
 
 @pytest.fixture(scope="module")

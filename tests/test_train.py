@@ -125,8 +125,8 @@ def test_trained_head_drafts_the_same_in_native_vllm_eagle_and_ours(tiny_trained
 def test_llama3_rope_target_runs_and_drafts_as_native(models_dir, tmp_path):
     """A target with Llama-3 RoPE scaling (refused before heads took vLLM's rotary embeddings) trains a head that
     drafts exactly as vLLM's native EAGLE does with it: the head rotates as vLLM's Llama does under the scaling."""
-    from builders import make_tiny_llama
-    target = make_tiny_llama(os.path.join(models_dir, "tiny-llama3"), rope_parameters={
+    from builders import make_tiny_target
+    target = make_tiny_target(os.path.join(models_dir, "tiny-llama3"), rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})
     out = str(tmp_path / "head")

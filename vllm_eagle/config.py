@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from .draft_head import HeadConfigError, check_head_matches_target, read_config
+from .draft_head import HeadConfig, HeadConfigError, check_head_matches_target, load_draft_vocab, read_config
 
 PROPOSER_CLASS = "vllm_eagle.proposer.EagleProposer"
 WORKER_CLASS = "vllm_eagle.worker.EagleCPUWorker"
@@ -52,6 +52,15 @@ class EagleOptions:
             return self.tree == DYNAMIC
         from .tree import compile_tree
         return not compile_tree(self.tree).is_chain
+
+    @property
+    def branching(self) -> int:
+        """The most candidates one drafted node takes from the head's ranking: top_k (dynamic), the widest node of
+        a static tree, 1 for a chain."""
+        if self.tree in ("chain", DYNAMIC):
+            return self.top_k if self.tree == DYNAMIC else 1
+        from .tree import compile_tree
+        return int(compile_tree(self.tree).rank.max()) + 1
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens <= 0:
@@ -169,13 +178,33 @@ def check_engine_config(vllm_config) -> "EagleOptions | None":
         raise EagleOptionError("vllm-eagle speculation needs prefix caching off (the head's KV of a cached prefix "
                                "is not rebuilt yet): pass --no-enable-prefix-caching / enable_prefix_caching=False "
                                "(vllm_eagle.speculative_kwargs and --speculative-model set it)")
-    check_head_matches_target(read_config(options.head), vllm_config.model_config.hf_config.to_dict(), options.head)
+    head_cfg = read_config(options.head)
+    check_head_matches_target(head_cfg, vllm_config.model_config.hf_config.to_dict(), options.head)
+    hc = HeadConfig.from_hf_dict(head_cfg)
+    dv = load_draft_vocab(options.head) if options.draft_vocab and not hc.eagle3 else None
+    drafts_from = hc.draft_vocab_size if hc.eagle3 else hc.vocab_size if dv is None else len(dv)
+    if drafts_from < options.branching:
+        raise EagleOptionError(f"tree={options.tree!r} ranks {options.branching} candidates per node, but head "
+                               f"{options.head!r} drafts from {drafts_from} tokens (its draft vocabulary): use a "
+                               f"narrower tree" + ("" if hc.eagle3 else " or draft_vocab=False"))
+    if hc.eagle3 and not captures_aux_layers(vllm_config.model_config):
+        raise EagleOptionError(f"EAGLE-3 head {options.head!r} fuses the target's intermediate layers, and vLLM's "
+                               f"{vllm_config.model_config.architectures[0]} cannot hand them over (no EAGLE-3 "
+                               "support in that model class): use an EAGLE-1 head for this target")
     unsupported = tree_attention_unsupported(vllm_config) if options.uses_trees else []
     if unsupported:
         raise EagleOptionError(f"tree={options.tree!r} verifies through vllm-eagle's tree attention, which does not "
                                f"support this target's {', '.join(unsupported)}: use a chain (tree='chain', the "
                                "default) for this model")
     return options
+
+
+def captures_aux_layers(model_config) -> bool:
+    """Whether vLLM's model class for this target can capture intermediate layers for EAGLE-3 (SupportsEagle3)."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    model_cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    return supports_eagle3(model_cls)
 
 
 def tree_attention_unsupported(vllm_config) -> list[str]:

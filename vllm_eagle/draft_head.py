@@ -59,6 +59,8 @@ class HeadConfig:
     @classmethod
     def from_hf_dict(cls, c: dict) -> "HeadConfig":
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        if isinstance(rope.get("full_attention"), dict):   # per layer type (Gemma-3): the head attends globally
+            rope = dict(rope["full_attention"])
         rope.setdefault("rope_theta", c.get("rope_theta", 10000.0))
         rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"   # older configs: "type"
         if c.get("partial_rotary_factor", 1.0) != 1.0:
@@ -106,10 +108,11 @@ class HeadConfig:
         return self.aux_layers or (2, target_num_layers // 2, target_num_layers - 3)
 
     def to_hf_dict(self, target: dict) -> dict:
-        """A 1-layer Llama config in this layout, copying token ids and RoPE from the target config."""
-        keep = {k: target[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings", "hidden_act",
-                                       "rope_parameters", "rope_scaling", "rope_theta") if k in target}
+        """A 1-layer Llama config in this layout (a SiLU MLP whatever the target's), with the target's token ids and
+        the head's RoPE."""
+        keep = {k: target[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in target}
         out = dict(keep, architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
+                   hidden_act="silu", rope_parameters={k: list(v) if isinstance(v, tuple) else v for k, v in self.rope},
                    hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                    head_dim=self.head_dim, vocab_size=self.vocab_size, rms_norm_eps=self.rms_norm_eps,
@@ -162,6 +165,9 @@ def check_head_matches_target(head: dict, target: dict, head_path: str = "head")
         problems.append(f"attention heads: {h.num_heads} query heads not a multiple of {h.num_kv_heads} KV heads")
     if head.get("num_hidden_layers", 1) != 1:
         problems.append(f"num_hidden_layers: {head.get('num_hidden_layers')} (EAGLE heads have exactly 1)")
+    if head.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act: {head['hidden_act']!r} (the EAGLE head's MLP is SiLU-gated, as vLLM's Llama "
+                        "draft models are)")
     if h.eagle3:
         L = t.get("num_hidden_layers", 0)
         if h.target_hidden_size != tc.hidden_size:
@@ -174,6 +180,9 @@ def check_head_matches_target(head: dict, target: dict, head_path: str = "head")
         if len(set(layers)) != len(layers):
             problems.append(f"eagle_aux_hidden_state_layer_ids {list(layers)} repeats a layer (vLLM captures each "
                             "layer once): set three distinct layers in the head's config.json")
+        elif list(layers) != sorted(layers):
+            problems.append(f"eagle_aux_hidden_state_layer_ids {list(layers)} is not ascending (vLLM hands the "
+                            "captured layers over in ascending order, so fc would see them permuted)")
         if h.draft_vocab_size > tc.vocab_size:
             problems.append(f"draft_vocab_size: {h.draft_vocab_size} > the target's vocabulary {tc.vocab_size}")
     dv = load_draft_vocab(head_path) if os.path.isdir(head_path) else None

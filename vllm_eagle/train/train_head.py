@@ -378,10 +378,15 @@ def train(target: str, out: str, cfg: TrainConfig, data: str = "sharegpt", data_
     tok, model = load_target(target)
     with open(os.path.join(target, "config.json")) as f:
         target_cfg = json.load(f)
-    embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)         # [V, H] frozen
+    with torch.no_grad():
+        # [V, H] frozen: the target's input embedding as its forward applies it (Gemma scales it by sqrt(H)), which
+        # is what vLLM's embed_input_ids hands the head
+        embed = model.get_input_embeddings()(torch.arange(model.get_input_embeddings().num_embeddings))
+        embed = embed.to(torch.bfloat16)
+        H, L = embed.shape[1], target_cfg["num_hidden_layers"]
+        # the final norm's per-channel scale (w, or 1 + w for Gemma's norms): its output for a unit-RMS input
+        final_norm = model.get_decoder().norm(torch.ones(1, H, dtype=COMPUTE_DTYPE))[0].float()
     lm_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)      # [V, H] frozen
-    final_norm = model.get_decoder().norm.weight.detach().clone()
-    H, L = embed.shape[1], target_cfg["num_hidden_layers"]
     layers = tuple(cfg.feature_layers) or (2, L // 2, L - 3) if cfg.arch == "eagle3" else ()
     sources = build_sources(target, tok, cfg, data, data_path, work_dir)
     times["data_s"] = time.time() - t0

@@ -1,0 +1,101 @@
+"""Targets beyond Llama: tiny random Qwen2, Qwen3, Mistral and Gemma-3 models (tests/builders.ARCHITECTURES), each
+with a head trained by the tiny preset. Greedy fp32 output is vanilla's token for token with drafts accepted, on
+prompts longer than the sliding window; trees run where tree attention can (no sliding window) and are refused at
+start-up where it cannot."""
+import json
+import os
+
+import pytest
+from builders import make_tiny_target
+from conftest import generate_ids, tiered
+from vllm import SamplingParams
+
+import vllm_eagle
+from vllm_eagle.config import EagleOptionError
+from vllm_eagle.train.train_head import PRESETS, train
+
+SP = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+LOOP = "for i in range(10):\n    print(i)\n"
+SLIDING = ("mistral", "gemma3")
+
+
+@pytest.fixture(scope="module")
+def trained(models_dir, tmp_path_factory):
+    """arch -> (target, EAGLE-1 head, prompts): the head is trained by the tiny preset on the target's own greedy
+    answers to the prompts (self-distillation, as real heads are), so in vLLM it drafts what the target says there
+    only if the engine hands it the features, embedding and positions training saw. Chat-templated prompt token ids,
+    30-70 tokens: longer than the Mistral and Gemma-3 targets' 16-token sliding window."""
+    from transformers import AutoTokenizer
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            target = make_tiny_target(os.path.join(models_dir, f"tiny-{arch}"), arch)
+            tok = AutoTokenizer.from_pretrained(target)
+            asks = [f"write a loop number {i}\n" + LOOP * (1 + i % 4) for i in range(32)]
+            prompts = [{"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": a}], tokenize=True,
+                                                                     add_generation_prompt=True, return_dict=False)}
+                       for a in asks]
+            answers, _ = generate_ids(target, prompts, SP)
+            d = tmp_path_factory.mktemp(arch)
+            with open(d / "data.jsonl", "w") as f:
+                for a, ids in zip(asks, answers):
+                    f.write(json.dumps({"prompt": a, "answer": tok.decode(ids), "finished": False}) + "\n")
+            train(target, str(d / "head"), PRESETS["tiny"], data="jsonl", data_path=str(d / "data.jsonl"))
+            cache[arch] = (target, str(d / "head"), prompts)
+        return cache[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch", tiered(["qwen2", "qwen3", "mistral", "gemma3"], fast=("gemma3",)))
+def test_chain_is_lossless_and_drafts_as_trained_on_other_architectures(arch, trained):
+    """Ours = vanilla, and the head drafts what the target says where it was trained. Without a sliding window
+    vLLM's native EAGLE runs the same head as we do, and both accept the same drafts per position. With one they
+    differ: native's draft layer inherits the target's model-level window (Mistral), and for Gemma-3 it feeds the
+    head the raw embedding rows where ours (and training) use the sqrt(H)-scaled embedding the target reads."""
+    target, head, prompts = trained(arch)
+    want, _ = generate_ids(target, prompts, SP)
+    got, c = generate_ids(target, prompts, SP, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3,
+                                                                             draft_vocab=False, adaptive=False))
+    assert got == want
+    assert c["accepted_tokens_per_pos"][0] > 0.15 * c["drafts"] > 0, c
+    if arch not in SLIDING:
+        native, n = generate_ids(target, prompts, SP, {"speculative_config": {"method": "eagle", "model": head,
+                                                                              "num_speculative_tokens": 3}})
+        assert native == want and n["accepted_tokens_per_pos"] == c["accepted_tokens_per_pos"], (n, c)
+
+
+@pytest.mark.parametrize("arch", tiered(["qwen2", "qwen3"], fast=()))
+def test_trees_are_lossless_on_targets_without_sliding_window(arch, trained):
+    target, head, prompts = trained(arch)
+    want, _ = generate_ids(target, prompts, SP)
+    for shape in (dict(tree="[(0,), (1,), (0, 0), (0, 0, 0)]"), dict(tree="dynamic", depth=3, top_k=2)):
+        # the full vocabulary: the tiny targets' answers repeat a few tokens, fewer than a node's two candidates
+        spec = vllm_eagle.speculative_kwargs(head, adaptive=False, draft_vocab=False, **shape)
+        got, c = generate_ids(target, prompts, SP, spec)
+        assert got == want, shape
+        assert sum(c["accepted_tokens_per_pos"]) > 0, (shape, c)
+
+
+@pytest.mark.parametrize("arch", tiered(SLIDING, fast=("gemma3",)))
+def test_trees_are_refused_at_start_up_on_sliding_window_targets(arch, trained):
+    target, head, prompts = trained(arch)
+    with pytest.raises(EagleOptionError, match="sliding window"):
+        generate_ids(target, prompts, SP, vllm_eagle.speculative_kwargs(head, tree="dynamic"))
+
+
+def test_eagle3_head_on_a_target_without_layer_capture_is_refused_at_start(models_dir, tmp_path):
+    """vLLM's Gemma-3 model class cannot capture intermediate layers (no SupportsEagle3): an EAGLE-3 head for it
+    fails where the engine's config is built, naming the model class; an EAGLE-3 head on Qwen3 passes."""
+    from builders import make_eagle3_head
+    from vllm.engine.arg_utils import EngineArgs
+    for arch, refused in (("gemma3", True), ("qwen3", False)):
+        target = make_tiny_target(os.path.join(models_dir, f"tiny4-{arch}"), arch, layers=4,
+                                  **({"layer_types": ["sliding_attention"] * 3 + ["full_attention"]} if refused else {}))
+        head = make_eagle3_head(target, str(tmp_path / arch), layers=(1, 2, 3))
+        args = EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(head))
+        if refused:
+            with pytest.raises(EagleOptionError, match="Gemma3ForCausalLM cannot hand them over.*EAGLE-1 head"):
+                args.create_engine_config()
+        else:
+            args.create_engine_config()
