@@ -21,16 +21,20 @@ SLIDING = ("mistral", "gemma3")
 
 @pytest.fixture(scope="module")
 def trained(models_dir, tmp_path_factory):
-    """arch -> (target, EAGLE-1 head, prompts): the head is trained by the tiny preset on the target's own greedy
-    answers to the prompts (self-distillation, as real heads are), so in vLLM it drafts what the target says there
-    only if the engine hands it the features, embedding and positions training saw. Chat-templated prompt token ids,
-    30-70 tokens: longer than the Mistral and Gemma-3 targets' 16-token sliding window."""
+    """(arch, preset) -> (target, head, prompts): the head is trained by the tiny preset ("tiny" EAGLE-1, or
+    "tiny-eagle3" on a 4-layer target fusing layers 1-3) on the target's own greedy answers to the prompts
+    (self-distillation, as real heads are), so in vLLM it drafts what the target says there only if the engine hands
+    it the features, embedding and positions training saw. Chat-templated prompt token ids, 30-70 tokens: longer than
+    the Mistral and Gemma-3 targets' 16-token sliding window."""
+    from dataclasses import replace
+
     from transformers import AutoTokenizer
     cache = {}
 
-    def get(arch):
-        if arch not in cache:
-            target = make_tiny_target(os.path.join(models_dir, f"tiny-{arch}"), arch)
+    def get(arch, preset="tiny"):
+        if (arch, preset) not in cache:
+            layers = 4 if preset == "tiny-eagle3" else 2
+            target = make_tiny_target(os.path.join(models_dir, f"tiny{layers}-{arch}"), arch, layers=layers)
             tok = AutoTokenizer.from_pretrained(target)
             asks = [f"write a loop number {i}\n" + LOOP * (1 + i % 4) for i in range(32)]
             prompts = [{"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": a}], tokenize=True,
@@ -41,31 +45,36 @@ def trained(models_dir, tmp_path_factory):
             with open(d / "data.jsonl", "w") as f:
                 for a, ids in zip(asks, answers):
                     f.write(json.dumps({"prompt": a, "answer": tok.decode(ids), "finished": False}) + "\n")
-            train(target, str(d / "head"), PRESETS["tiny"], data="jsonl", data_path=str(d / "data.jsonl"))
-            cache[arch] = (target, str(d / "head"), prompts)
-        return cache[arch]
+            cfg = replace(PRESETS[preset], feature_layers=(1, 2, 3)) if layers == 4 else PRESETS[preset]
+            train(target, str(d / "head"), cfg, data="jsonl", data_path=str(d / "data.jsonl"))
+            cache[arch, preset] = (target, str(d / "head"), prompts)
+        return cache[arch, preset]
     return get
 
 
-@pytest.mark.parametrize("arch", tiered(["qwen2", "qwen3", "mistral", "gemma3"], fast=("gemma3",)))
-def test_chain_is_lossless_and_drafts_as_trained_on_other_architectures(arch, trained):
+@pytest.mark.parametrize("arch,preset", tiered([("qwen2", "tiny"), ("qwen3", "tiny"), ("mistral", "tiny"),
+                                                 ("gemma3", "tiny"), ("qwen3", "tiny-eagle3")],
+                                                fast=(("gemma3", "tiny"),)))
+def test_chain_is_lossless_and_drafts_as_trained_on_other_architectures(arch, preset, trained):
     """Ours = vanilla, and the head drafts what the target says where it was trained. Without a sliding window
     vLLM's native EAGLE runs the same head as we do, and both accept the same drafts per position. With one they
     differ: native's draft layer inherits the target's model-level window (Mistral), and for Gemma-3 it feeds the
     head the raw embedding rows where ours (and training) use the sqrt(H)-scaled embedding the target reads."""
-    target, head, prompts = trained(arch)
+    target, head, prompts = trained(arch, preset)
     want, _ = generate_ids(target, prompts, SP)
     got, c = generate_ids(target, prompts, SP, vllm_eagle.speculative_kwargs(head, num_speculative_tokens=3,
                                                                              draft_vocab=False, adaptive=False))
     assert got == want
     assert c["accepted_tokens_per_pos"][0] > 0.15 * c["drafts"] > 0, c
     if arch not in SLIDING:
-        native, n = generate_ids(target, prompts, SP, {"speculative_config": {"method": "eagle", "model": head,
+        method = "eagle3" if preset == "tiny-eagle3" else "eagle"
+        native, n = generate_ids(target, prompts, SP, {"speculative_config": {"method": method, "model": head,
                                                                               "num_speculative_tokens": 3}})
         assert native == want and n["accepted_tokens_per_pos"] == c["accepted_tokens_per_pos"], (n, c)
 
 
-@pytest.mark.parametrize("arch", tiered(["qwen2", "qwen3"], fast=()))
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3"])
 def test_trees_are_lossless_on_targets_without_sliding_window(arch, trained):
     target, head, prompts = trained(arch)
     want, _ = generate_ids(target, prompts, SP)
