@@ -60,7 +60,8 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
         make_llm(tiny, spec)
 
 
-@pytest.mark.parametrize("config,feature", [({"sliding_window": 64}, "sliding window"),
+@pytest.mark.parametrize("config,feature", [({"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
+                                             "sliding-window and full-attention layers mixed"),
                                             ({"attn_logit_softcapping": 50.0}, "attention logits soft cap")])
 def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_random_head, tmp_path, config, feature):
     """Trees on a target whose attention tree verification cannot run fail where the engine's config is built (not
@@ -75,12 +76,19 @@ def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_rand
     with open(os.path.join(target, "config.json"), "w") as f:
         json.dump({**cfg, **config}, f)
     for tree in ("dynamic", "[(0,), (1,)]"):
-        with pytest.raises(EagleOptionError, match=f"tree=.* does not support this target's {feature}.*use a chain"):
+        with pytest.raises(EagleOptionError, match=f"tree=.* does not support this engine's {feature}.*use a chain"):
             EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
                        ).create_engine_config()
     for tree in ("chain", "[(0,), (0, 0)]"):                # a path-tuple chain verifies as a chain
         EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
                    ).create_engine_config()
+
+
+def test_trees_on_kv_blocks_they_cannot_run_are_refused_at_start(tiny, tiny_random_head):
+    from vllm.engine.arg_utils import EngineArgs
+    with pytest.raises(EagleOptionError, match="KV block size 16 .trees need a multiple of 32"):
+        EngineArgs(model=tiny, dtype="float32", block_size=16, **vllm_eagle.speculative_kwargs(
+            tiny_random_head, tree="dynamic")).create_engine_config()
 
 
 def test_tree_wider_than_the_draft_vocabulary_is_refused_at_start(tiny, head_copy):

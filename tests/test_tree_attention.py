@@ -63,7 +63,7 @@ def _impl(cls, dtype, monkeypatch, **kw):
     monkeypatch.setattr(cpu_attn, "get_current_vllm_config",
                         lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype)))
     return cls(num_heads=H_Q, head_size=D, scale=D ** -0.5, num_kv_heads=H_KV, alibi_slopes=None,
-               sliding_window=None, kv_cache_dtype="auto", **kw)
+               kv_cache_dtype="auto", **{"sliding_window": None, **kw})
 
 
 def _attend(impl, reqs, dtype, isa, tree=None, scratch=0):
@@ -136,7 +136,7 @@ def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatc
     assert torch.equal(got_k[1, :, BLOCK: BLOCK + 7], got_k[1, :, :7])        # the repeated block
 
 
-def _tree_case(layout, dtype, isa, scratch, monkeypatch):
+def _tree_case(layout, dtype, isa, scratch, monkeypatch, window=None):
     """One step over `layout` [(prefix_len L, tree buffers or None for a plain 3-token request)] (a tree request's
     queries are its nodes at L..L+n-1) through TreeCPUAttentionImpl with `scratch` free blocks. Returns the output,
     the stock kernel's (causal) output, the oracle — every root-to-leaf path as its own causal chain over the prefix
@@ -153,9 +153,10 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
     pos_delta = torch.zeros(start, dtype=torch.int64)
     for row, buf in zip(rows, bufs):
         pos_delta[row.start: row.start + row.num_nodes] = torch.arange(row.num_nodes) - buf.depth
-    kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), reqs, dtype, isa)
+    kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window), reqs, dtype, isa)
     step = _tree_step(rows, pos_delta)
-    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch), reqs, dtype, isa, step, scratch)
+    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch, sliding_window=window), reqs, dtype, isa, step,
+                  scratch)
     branches, owners = [], []                                   # owners[b] = (query row of each branch node)
     for row, buf in zip(rows, bufs):
         (k, v, q), L = reqs[row.req_index], row.prefix_len
@@ -163,7 +164,7 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
             path = path[path >= 0].long()                       # E.g. [0, 1, 3, 5]: slots L, L+1, L+3, L+5
             branches.append((torch.cat([k[:L], k[L + path]]), torch.cat([v[:L], v[L + path]]), q[path]))
             owners.append(row.start + path)
-    chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch), branches, dtype, isa)
+    chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window), branches, dtype, isa)
     want = kernel.clone()
     want[torch.cat(owners)] = chains
     return got, kernel, want, step
@@ -172,13 +173,16 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch):
 # Scratch blocks for the trees' paths: none (every tree recomputed), enough for the first tree only (the others are
 # recomputed in the same step), enough for all (4 trees below: 2 + 0 + 2 + 3 private blocks, the first segment of
 # each needing none; the chain-shaped one needs none, so the kernel verifies it even with no scratch).
+# Sliding windows of 3 and 1 (a node then sees only itself): the kernel applies them on the paths, the recompute's
+# mask on the trees left to it.
+@pytest.mark.parametrize("window", [None, 3, 1], ids=["full", "window-3", "window-1"])
 @pytest.mark.parametrize("scratch", [0, 3, 12], ids=["recompute", "mixed", "paths"])
 @pytest.mark.parametrize("dtype, isa", CASES)
-def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
+def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, window, monkeypatch):
     tol, tree, line = TOL[dtype], compile_tree(TREE), chain(3)
     # L = 30: path 0, 1, 4's positions 31..32 cross a block boundary (two private blocks for it).
     layout = [(45, tree), (20, None), (30, line), (1, tree), (30, tree)]
-    got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch)
+    got, kernel, want, step = _tree_case(layout, dtype, isa, scratch, monkeypatch, window)
     rows = step.layout.rows
     assert step.recomputed_trees == {0: 3, 3: 2, 12: 0}[scratch]       # tree requests left to the recompute
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
@@ -186,8 +190,8 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, monkeypatch):
     assert torch.equal(got[plain], kernel[plain])
     chain_rows = slice(rows[1].start, rows[1].start + rows[1].num_nodes)
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
-    node5 = rows[2].start + 5     # L = 1, parent 0: the causal kernel also let it see nodes 1..4
-    assert (got[node5].float() - kernel[node5].float()).abs().max() > 10 * tol
+    node5 = rows[2].start + 5     # L = 1, parent 0: the causal kernel also let it see nodes 1..4 (window 1: neither)
+    assert window == 1 or (got[node5].float() - kernel[node5].float()).abs().max() > 10 * tol
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)

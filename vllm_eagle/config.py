@@ -194,7 +194,7 @@ def check_engine_config(vllm_config) -> "EagleOptions | None":
     unsupported = tree_attention_unsupported(vllm_config) if options.uses_trees else []
     if unsupported:
         raise EagleOptionError(f"tree={options.tree!r} verifies through vllm-eagle's tree attention, which does not "
-                               f"support this target's {', '.join(unsupported)}: use a chain (tree='chain', the "
+                               f"support this engine's {', '.join(unsupported)}: use a chain (tree='chain', the "
                                "default) for this model")
     return options
 
@@ -212,8 +212,14 @@ def tree_attention_unsupported(vllm_config) -> list[str]:
     starts (tree_attention.TreeCPUAttentionImpl checks its layers again at the first tree step)."""
     text, cache = vllm_config.model_config.hf_text_config, vllm_config.cache_config
     softcap = getattr(text, "attn_logit_softcapping", None)
+    # One sliding window on every layer runs (one KV cache group); windowed and full layers mixed make vLLM keep a
+    # KV cache group per kind, which the trees' scratch blocks do not handle yet.
+    mixed = (vllm_config.model_config.get_sliding_window() is not None
+             and "full_attention" in (getattr(text, "layer_types", None) or ()))
     return [name for name, bad in (
-        ("sliding window", vllm_config.model_config.get_sliding_window() is not None),
+        ("sliding-window and full-attention layers mixed", mixed),
+        (f"KV block size {cache.block_size} (trees need a multiple of 32, the CPU backend's default is 128)",
+         (cache.block_size or 128) % 32 != 0),
         ("attention logits soft cap", softcap not in (None, 0, 0.0)),
         ("ALiBi", bool(getattr(text, "alibi", False) or getattr(text, "position_embedding_type", "") == "alibi")),
         (f"{cache.cache_dtype} KV cache", str(cache.cache_dtype).startswith("fp8")),

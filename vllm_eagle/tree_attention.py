@@ -68,7 +68,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         t0 = time.perf_counter()
         # The same for every layer of a KV cache group with these heads (the scheduler metadata depends on them).
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2], self.num_heads, self.num_kv_heads,
-                    self.head_size)
+                    self.head_size, self.sliding_window)
         if plan_key not in tree.plans:
             scratch = tree.state.scratch
             if scratch.numel() and int(scratch.max()) >= kv_cache.shape[0]:
@@ -80,7 +80,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             todo = [r for r in rows if r.req_index in paths.recompute]
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
                 todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
-                kv_cache.dtype))
+                kv_cache.dtype, self.sliding_window))
             tree.recomputed_trees = len(todo)
         paths, recompute = tree.plans[plan_key]
         out = output.view(-1, self.num_heads, self.head_size)
@@ -105,7 +105,6 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _check_tree_supported(self) -> None:
         unsupported = [name for name, bad in (
-            ("sliding window", self.sliding_window != -1),
             ("ALiBi", self.alibi_slopes is not None),
             ("logits soft cap", self.logits_soft_cap != 0),
             ("attention sinks", self.sinks is not None),
@@ -345,9 +344,10 @@ class TreeAttentionPlan:
 
 
 def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_size: int, groups: int,
-                        dtype: torch.dtype = torch.float32) -> TreeAttentionPlan:
+                        dtype: torch.dtype = torch.float32, window: int = -1) -> TreeAttentionPlan:
     """block_table: [num_reqs, max_blocks] int32 (the attention metadata's); groups: query heads per KV head; dtype:
-    the KV cache's (attention runs in it).
+    the KV cache's (attention runs in it); window: the layers' sliding window (-1: none): a node at position p sees
+    only keys at positions p - window + 1 .. p, as vLLM's kernel lets a token see them.
 
     E.g. block 32, rows (start 0, L 45, 6 nodes: slots 0..50) and (start 9, L 1, 4 nodes: slots 0..4): NB = 2,
     N = 6, P = 64; row 0 attends columns 0..44 and its ancestors among 45..50; row 1 reads its block twice, attends
@@ -363,6 +363,11 @@ def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_si
         L = r.prefix_len
         mask[b, 0, :, :L] = True
         mask[b, 0, :, L: L + r.num_nodes] = r.tree.mask[node.clamp(max=r.num_nodes - 1)]
+        if window > 0:                  # columns hold positions 0 .. L - 1, then node j's L + depth[j]
+            depth = r.tree.depth.long()
+            cols = torch.cat([torch.arange(L), L + depth])
+            rows_pos = L + depth[node.clamp(max=r.num_nodes - 1)]
+            mask[b, 0, :, : L + r.num_nodes] &= rows_pos[:, None] - cols[None, :] < window
     valid_rows = torch.stack([node < r.num_nodes for r in rows]).flatten().nonzero().squeeze(1)
     grouped = mask.repeat(1, 1, groups, 1)
     bias = torch.zeros(grouped.shape, dtype=dtype).masked_fill_(~grouped, float("-inf"))
