@@ -314,8 +314,9 @@ def test_tree_refuses_unsupported_features(monkeypatch):
     k, v = _seq(8, torch.float32)
     reqs = [(k, v, torch.randn(6, H_Q, D))]
     step = _tree_step([_tree_row(compile_tree(TREE), 0, 0, 2)], torch.zeros(6, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="sliding window, logits soft cap"):
+    with pytest.raises(NotImplementedError, match="support logits soft cap;") as e:   # a window alone runs
         _attend(impl, reqs, torch.float32, "vec", step)
+    assert "sliding window" not in str(e.value)
     assert not _attend(impl, reqs, torch.float32, "vec").isnan().any()    # no tree: the stock kernel path
 
 
