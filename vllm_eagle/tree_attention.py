@@ -361,12 +361,13 @@ def plan_tree_attention(rows: list[TreeRow], block_table: torch.Tensor, block_si
     mask = torch.zeros(len(rows), 1, N, NB * block_size, dtype=torch.bool)
     for b, r in enumerate(rows):
         L = r.prefix_len
+        nodes = node.clamp(max=r.num_nodes - 1)
         mask[b, 0, :, :L] = True
-        mask[b, 0, :, L: L + r.num_nodes] = r.tree.mask[node.clamp(max=r.num_nodes - 1)]
+        mask[b, 0, :, L: L + r.num_nodes] = r.tree.mask[nodes]
         if window > 0:                  # columns hold positions 0 .. L - 1, then node j's L + depth[j]
             depth = r.tree.depth.long()
             cols = torch.cat([torch.arange(L), L + depth])
-            rows_pos = L + depth[node.clamp(max=r.num_nodes - 1)]
+            rows_pos = L + depth[nodes]
             mask[b, 0, :, : L + r.num_nodes] &= rows_pos[:, None] - cols[None, :] < window
     valid_rows = torch.stack([node < r.num_nodes for r in rows]).flatten().nonzero().squeeze(1)
     grouped = mask.repeat(1, 1, groups, 1)

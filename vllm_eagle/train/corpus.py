@@ -37,6 +37,7 @@ _PATTERNS = {   # checked in this order; the first match wins (a long prompt is 
                         r"|\d+\s*[-+*/^=]\s*\d+", re.I),
 }
 LONG_DOCUMENT_TOKENS = 600
+KV_CACHE_GIB = 4        # generation's KV budget: it bounds the batch (up to 64 sequences of up to 1,280 tokens)
 
 
 def category(text: str, prompt_tokens: int) -> str:
@@ -161,7 +162,7 @@ def grow(target: str, folder: str, num_answers: int, max_tokens: int = 256, max_
     from vllm.inputs import TokensPrompt
     # An explicit KV budget: the CPU backend otherwise reserves most of the NUMA node.
     llm = LLM(model=target, dtype=dtype, max_model_len=max_prompt_tokens + max_tokens, max_num_seqs=max_num_seqs,
-              seed=0, enable_prefix_caching=True, kv_cache_memory_bytes=4 << 30)
+              seed=0, enable_prefix_caching=True, kv_cache_memory_bytes=KV_CACHE_GIB << 30)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0, n_tokens = time.time(), 0
     try:
@@ -233,9 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=1536)
     p.add_argument("--dtype", default="float32", help="generation dtype (kept for the corpus's life)")
     a = p.parse_args(argv)
-    # The KV budget bounds the batch (up to 64 sequences of up to 1,280 tokens); vLLM's CPU platform lets this
-    # variable override the engine's kv_cache_memory_bytes.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # vLLM's CPU platform lets this variable override the engine's kv_cache_memory_bytes.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # A batch job: the worker takes every core (vLLM reserves one for its front end by default, which here sits idle).
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
