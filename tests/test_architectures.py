@@ -1,7 +1,6 @@
 """Targets beyond Llama: tiny random Qwen2, Qwen3, Mistral and Gemma-3 models (tests/builders.ARCHITECTURES), each
 with a head trained by the tiny preset. Greedy fp32 output is vanilla's token for token with drafts accepted, on
-prompts longer than the sliding window; trees run where tree attention can (no sliding window) and are refused at
-start-up where it cannot."""
+prompts longer than the sliding window, with chains and with trees."""
 import json
 import os
 
@@ -73,27 +72,22 @@ def test_chain_is_lossless_and_drafts_as_trained_on_other_architectures(arch, pr
         assert native == want and n["accepted_tokens_per_pos"] == c["accepted_tokens_per_pos"], (n, c)
 
 
-@pytest.mark.parametrize("arch", tiered(["qwen3", "mistral"], fast=("mistral",)))
-def test_trees_are_lossless_on_targets_with_one_kind_of_attention(arch, trained):
-    """Full attention (Qwen3) or one sliding window on every layer (Mistral: the prompts outgrow it, so the nodes'
-    window cuts the prefix, and with 32-token KV blocks vLLM frees the blocks that leave it) verify trees in one
-    pass, = vanilla."""
+@pytest.mark.parametrize("arch,block_size", tiered([("qwen3", None), ("mistral", 32), ("gemma3", 16)],
+                                                    fast=(("gemma3", 16),)))
+def test_trees_are_lossless_on_other_architectures(arch, block_size, trained):
+    """Trees verify in one pass, = vanilla: full attention (Qwen3); one sliding window on every layer (Mistral: the
+    prompts outgrow it, so the nodes' window cuts the prefix, and vLLM frees the blocks that leave it); sliding and
+    full layers mixed (Gemma-3: a KV cache group each, so vLLM rebuilds its input batch, as it does for 16-token
+    blocks, and the KV commit must read the slot mapping vLLM's attention wrote)."""
     target, head, prompts = trained(arch)
-    kw = {"block_size": 32} if arch in SLIDING else {}
+    kw = {"block_size": block_size} if block_size else {}
     want, _ = generate_ids(target, prompts, SP, **kw)
     for shape in (dict(tree="[(0,), (1,), (0, 0), (0, 0, 0)]"), dict(tree="dynamic", depth=3, top_k=2)):
         # the full vocabulary: the tiny targets' answers repeat a few tokens, fewer than a node's two candidates
         spec = vllm_eagle.speculative_kwargs(head, adaptive=False, draft_vocab=False, **shape)
         got, c = generate_ids(target, prompts, SP, spec, **kw)
         assert got == want, shape
-        assert sum(c["accepted_tokens_per_pos"]) > 0, (shape, c)
-
-
-def test_trees_are_refused_at_start_up_on_mixed_window_targets(trained):
-    """Gemma-3 mixes sliding-window and full-attention layers (a KV cache group each in vLLM)."""
-    target, head, prompts = trained("gemma3")
-    with pytest.raises(EagleOptionError, match="sliding-window and full-attention layers mixed"):
-        generate_ids(target, prompts, SP, vllm_eagle.speculative_kwargs(head, tree="dynamic"))
+        assert c["accepted_tokens_per_pos"][1] > 0, (shape, c)         # paths past the first node were accepted
 
 
 def test_eagle3_head_on_a_target_without_layer_capture_is_refused_at_start(models_dir, tmp_path):

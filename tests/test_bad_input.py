@@ -60,9 +60,7 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
         make_llm(tiny, spec)
 
 
-@pytest.mark.parametrize("config,feature", [({"sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
-                                             "sliding-window and full-attention layers mixed"),
-                                            ({"attn_logit_softcapping": 50.0}, "attention logits soft cap")])
+@pytest.mark.parametrize("config,feature", [({"attn_logit_softcapping": 50.0}, "attention logits soft cap")])
 def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_random_head, tmp_path, config, feature):
     """Trees on a target whose attention tree verification cannot run fail where the engine's config is built (not
     at the first tree step of a running engine); chains on it pass that check."""
@@ -82,13 +80,6 @@ def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_rand
     for tree in ("chain", "[(0,), (0, 0)]"):                # a path-tuple chain verifies as a chain
         EngineArgs(model=target, dtype="float32", **vllm_eagle.speculative_kwargs(tiny_random_head, tree=tree)
                    ).create_engine_config()
-
-
-def test_trees_on_kv_blocks_they_cannot_run_are_refused_at_start(tiny, tiny_random_head):
-    from vllm.engine.arg_utils import EngineArgs
-    with pytest.raises(EagleOptionError, match="KV block size 16 .trees need a multiple of 32"):
-        EngineArgs(model=tiny, dtype="float32", block_size=16, **vllm_eagle.speculative_kwargs(
-            tiny_random_head, tree="dynamic")).create_engine_config()
 
 
 def test_tree_wider_than_the_draft_vocabulary_is_refused_at_start(tiny, head_copy):

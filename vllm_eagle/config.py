@@ -212,14 +212,7 @@ def tree_attention_unsupported(vllm_config) -> list[str]:
     starts (tree_attention.TreeCPUAttentionImpl checks its layers again at the first tree step)."""
     text, cache = vllm_config.model_config.hf_text_config, vllm_config.cache_config
     softcap = getattr(text, "attn_logit_softcapping", None)
-    # One sliding window on every layer runs (one KV cache group); windowed and full layers mixed make vLLM keep a
-    # KV cache group per kind, which the trees' scratch blocks do not handle yet.
-    mixed = (vllm_config.model_config.get_sliding_window() is not None
-             and "full_attention" in (getattr(text, "layer_types", None) or ()))
     return [name for name, bad in (
-        ("sliding-window and full-attention layers mixed", mixed),
-        (f"KV block size {cache.block_size} (trees need a multiple of 32, the CPU backend's default is 128)",
-         (cache.block_size or 128) % 32 != 0),
         ("attention logits soft cap", softcap not in (None, 0, 0.0)),
         ("ALiBi", bool(getattr(text, "alibi", False) or getattr(text, "position_embedding_type", "") == "alibi")),
         (f"{cache.cache_dtype} KV cache", str(cache.cache_dtype).startswith("fp8")),

@@ -13,7 +13,10 @@ from .verify import TreeStep
 
 def commit_accepted_kv(runner, step: TreeStep, accepted: TreeAcceptance) -> None:
     for g, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-        slots = runner.input_batch.block_table[g].slot_mapping.cpu      # [num_scheduled_tokens] this step's slots
+        # [num_scheduled_tokens] this step's slots. `.gpu` is what vLLM computes and its attention reads: on CPU it is
+        # the `.cpu` tensor only until vLLM rebuilds its input batch (several KV cache groups, a block size other
+        # than the one it started with), after which `.cpu` is never written.
+        slots = runner.input_batch.block_table[g].slot_mapping.gpu
         src, dst = [], []
         for row in step.rows:
             path = accepted.paths[row.req_id]

@@ -56,7 +56,8 @@ C2  CPUAttentionBackendImpl.forward, subclassed by tree_attention.TreeCPUAttenti
     the official register_backend, plus selector._cached_get_attn_backend.cache_clear() so layers built later see it.
     The tree rows' recompute reads this step's K/V from the paged cache, relying on CPUAttentionBackend's
     `forward_includes_kv_cache_update = False`: vLLM's Attention layer writes the cache before calling forward.
-C3  input_batch.block_table[g].slot_mapping, static_forward_context[layer].kv_cache / .isa (kv_commit.py), and the
+C3  input_batch.block_table[g].slot_mapping.gpu (its .cpu goes stale once vLLM rebuilds the input batch for several KV
+    cache groups or another block size), static_forward_context[layer].kv_cache / .isa (kv_commit.py), and the
     CPU KV page layout probed through ops.cpu_attn_reshape_and_cache (kv_layout.py).
 C4  Tree sampling reads the runner's per-request sampling state: runner.requests[req_id].sampling_params
     (features.tree_verifiable), input_batch.greedy_reqs / top_k_reqs / top_p_reqs / temperature_cpu / top_k_cpu /
