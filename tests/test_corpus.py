@@ -70,3 +70,23 @@ def test_corpus_grows_with_the_targets_greedy_answers(tiny, sharegpt, tmp_path):
         assert ex.tokens[~ex.answer_mask].tolist() == list(prompts[(r["conv"], r["turn"])])
     cut = corpus.examples(out, tok, 24, sharegpt=sharegpt)                # the prompt's start is cut, the answer kept
     assert all(len(e.tokens) <= 24 and e.tokens[e.answer_mask].tolist() == r["ids"][:16] for e, r in zip(cut, grown))
+
+
+def test_base_model_prompts_are_plain_text(tiny):
+    """A target without a chat template (a base model: Gemma 3 270M) reads each turn's text followed by a blank line,
+    after the BOS its tokenizer adds; teacher-forced answers continue that text and end in EOS when finished."""
+    from vllm_eagle.assets import prompt_ids, prompt_text
+    from vllm_eagle.train.data import tokenize
+    tok = AutoTokenizer.from_pretrained(tiny)
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    assert prompt_text(tok, msgs).startswith("<s>user\n")                 # the tiny target's chat template
+    tok.chat_template = None
+    assert prompt_text(tok, msgs) == "Tell me a story.\n\n"
+    ids = prompt_ids(tok, msgs)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "Tell me a story.\n\n"
+    answer = "Once upon a time a small dog lived by the sea, and every morning it ran along the beach."
+    done, cut = tokenize(tok, [{"prompt": msgs[0]["content"], "answer": answer},
+                               {"prompt": msgs[0]["content"], "answer": answer, "finished": False}], 512)
+    assert done.tokens.tolist() == ids + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert cut.tokens.tolist() == done.tokens.tolist()[:-1]
+    assert int(done.answer_mask.sum()) == len(done.tokens) - len(ids) and not done.answer_mask[:len(ids)].any()

@@ -115,7 +115,20 @@ def sharegpt_path() -> str:
                         "ShareGPT_V3_unfiltered_cleaned_split.json")
 
 
+def prompt_text(tokenizer, msgs: list[dict]) -> str:
+    """A conversation ending in a user turn as the prompt string vLLM takes (vLLM adds the tokenizer's special tokens
+    itself): the target's chat template with the generation prompt; for a base model without a template (Gemma 3
+    270M), the turns' text, each followed by a blank line."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n\n" for m in msgs)
+
+
+def prompt_ids(tokenizer, msgs: list[dict]) -> list[int]:
+    """prompt_text's token ids: a chat template writes its own special tokens; plain text gets the tokenizer's (BOS)."""
+    return tokenizer(prompt_text(tokenizer, msgs), add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
-    """Wrap user questions in the target's chat template (generation prompt appended)."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]
+    """User questions as prompts (prompt_text of a one-turn conversation each)."""
+    return [prompt_text(tokenizer, [{"role": "user", "content": q}]) for q in questions]

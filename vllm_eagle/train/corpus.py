@@ -6,7 +6,8 @@ are kept (in the repository, a few MB) and every later run reuses and extends th
                     (gzip members appended chunk by chunk, so an interrupted run keeps what it generated)
   meta.json         the target's identity (name, config hash), dtype, max tokens, the selection and the command
 A record's prompt is rebuilt, never stored: ShareGPT conversation `conv` (its id in data.sharegpt_conversations)
-up to its k-th human turn, earlier answers as ShareGPT has them, in the target's chat template.
+up to its k-th human turn, earlier answers as ShareGPT has them, in the target's chat template (plain text for a base
+model: assets.prompt_text).
 
 Selection: every turn of the conversations before data.HOLDOUT_START (the benchmarks take theirs after it), prompts up
 to max_prompt_tokens, evaluation prompts (MT-Bench, HumanEval) excluded, balanced over what users send: chat, code,
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..assets import prompt_ids
 from .data import HOLDOUT_START, Example, sharegpt_conversations
 
 CATEGORIES = ("chat", "code", "maths", "translation", "summarisation", "long-document")
@@ -85,8 +87,7 @@ def select_turns(conversations: list[list[dict]], tokenizer, max_prompt_tokens: 
                 break
             if msgs[-1]["content"].strip() in exclude:
                 continue
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]     # as data.tokenize renders prompts
+            ids = prompt_ids(tokenizer, msgs)                                 # as data.tokenize renders prompts
             if len(ids) > max_prompt_tokens:
                 break                                    # later turns only grow
             cat = category(msgs[-1]["content"], len(ids))
@@ -211,8 +212,7 @@ def examples(folder: str, tokenizer, max_len: int, sharegpt: str | None = None) 
     out = []
     for r in records:
         msgs = conversation_messages(conversations[r["conv"]], r["turn"])
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tokenizer, msgs)
         answer = r["ids"][: max_len - 8]
         prompt = prompt[max(0, len(prompt) + len(answer) - max_len):]
         if len(answer) < 2:

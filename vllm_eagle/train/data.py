@@ -73,17 +73,20 @@ class Example:
 
 
 def tokenize(tokenizer, records: list[dict], max_len: int) -> list[Example]:
+    from ..assets import prompt_ids, prompt_text
     out = []
     for r in records:
         msgs = [{"role": "user", "content": r["prompt"]}]
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        if r.get("finished") is False:            # a self-distilled answer cut at max_tokens: no end-of-turn
-            full = prompt + r["answer"]
+        p_ids = prompt_ids(tokenizer, msgs)
+        finished = r.get("finished") is not False     # False: a self-distilled answer cut at max_tokens, no end
+        if not tokenizer.chat_template:               # a base model: the answer continues the plain-text prompt
+            ids = p_ids + tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            ids = (ids + [tokenizer.eos_token_id] if finished else ids)[:max_len]
         else:
-            full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": r["answer"]}],
-                                                 tokenize=False)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
+            full = (tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": r["answer"]}],
+                                                  tokenize=False) if finished
+                    else prompt_text(tokenizer, msgs) + r["answer"])
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
         if len(p_ids) + 8 > len(ids):               # prompt fills the window: nothing to learn from
             continue
         mask = torch.zeros(len(ids), dtype=torch.bool)
