@@ -13,7 +13,8 @@ import torch
 # Tiny random targets per architecture: (transformers config class, model class, config fields beyond the shared
 # ones). Each exercises what sets its family apart in vLLM: Qwen2 (q/k/v bias, tied embedding), Qwen3 (q/k norm, a
 # head_dim other than hidden / heads), Mistral (every layer sliding-window), Gemma-3 (scaled embedding, sliding and
-# full layers mixed, query_pre_attn_scalar, (1 + w) norms, tied embedding).
+# full layers mixed, query_pre_attn_scalar, (1 + w) norms, tied embedding), Gemma-2 (the same, plus attention logits
+# soft-capped: at 2, so the cap bends this tiny model's logits).
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
@@ -21,6 +22,9 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention"])),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                     layer_types=["sliding_attention", "full_attention"])),
 }
 

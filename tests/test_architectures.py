@@ -1,4 +1,4 @@
-"""Targets beyond Llama: tiny random Qwen2, Qwen3, Mistral and Gemma-3 models (tests/builders.ARCHITECTURES), each
+"""Targets beyond Llama: tiny random Qwen2, Qwen3, Mistral, Gemma-3 and Gemma-2 models (tests/builders.ARCHITECTURES), each
 with a head trained by the tiny preset. Greedy fp32 output is vanilla's token for token with drafts accepted, on
 prompts longer than the sliding window, with chains and with trees."""
 import json
@@ -15,7 +15,7 @@ from vllm_eagle.train.train_head import PRESETS, train
 
 SP = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 LOOP = "for i in range(10):\n    print(i)\n"
-SLIDING = ("mistral", "gemma3")
+SLIDING = ("mistral", "gemma3", "gemma2")
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,14 @@ def test_chain_is_lossless_and_drafts_as_trained_on_other_architectures(arch, pr
         assert native == want and n["accepted_tokens_per_pos"] == c["accepted_tokens_per_pos"], (n, c)
 
 
-@pytest.mark.parametrize("arch,block_size", tiered([("qwen3", None), ("mistral", 32), ("gemma3", 16)],
+@pytest.mark.parametrize("arch,block_size", tiered([("qwen3", None), ("mistral", 32), ("gemma3", 16), ("gemma2", 32)],
                                                     fast=(("gemma3", 16),)))
 def test_trees_are_lossless_on_other_architectures(arch, block_size, trained):
     """Trees verify in one pass, = vanilla: full attention (Qwen3); one sliding window on every layer (Mistral: the
     prompts outgrow it, so the nodes' window cuts the prefix, and vLLM frees the blocks that leave it); sliding and
     full layers mixed (Gemma-3: a KV cache group each, so vLLM rebuilds its input batch, as it does for 16-token
-    blocks, and the KV commit must read the slot mapping vLLM's attention wrote)."""
+    blocks, and the KV commit must read the slot mapping vLLM's attention wrote); the same with soft-capped attention
+    logits (Gemma-2)."""
     target, head, prompts = trained(arch)
     kw = {"block_size": block_size} if block_size else {}
     want, _ = generate_ids(target, prompts, SP, **kw)

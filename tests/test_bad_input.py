@@ -60,7 +60,7 @@ def test_mismatched_head_fails_early_and_at_engine_start(request, tiny, fixture,
         make_llm(tiny, spec)
 
 
-@pytest.mark.parametrize("config,feature", [({"attn_logit_softcapping": 50.0}, "attention logits soft cap")])
+@pytest.mark.parametrize("config,feature", [({"alibi": True}, "ALiBi")])
 def test_trees_on_attention_they_cannot_run_are_refused_at_start(tiny, tiny_random_head, tmp_path, config, feature):
     """Trees on a target whose attention tree verification cannot run fail where the engine's config is built (not
     at the first tree step of a running engine); chains on it pass that check."""

@@ -136,7 +136,7 @@ def test_gather_kv_returns_what_the_kernel_wrote(dtype, isa, strided, monkeypatc
     assert torch.equal(got_k[1, :, BLOCK: BLOCK + 7], got_k[1, :, :7])        # the repeated block
 
 
-def _tree_case(layout, dtype, isa, scratch, monkeypatch, window=None):
+def _tree_case(layout, dtype, isa, scratch, monkeypatch, window=None, **impl_kw):
     """One step over `layout` [(prefix_len L, tree buffers or None for a plain 3-token request)] (a tree request's
     queries are its nodes at L..L+n-1) through TreeCPUAttentionImpl with `scratch` free blocks. Returns the output,
     the stock kernel's (causal) output, the oracle — every root-to-leaf path as its own causal chain over the prefix
@@ -153,10 +153,11 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch, window=None):
     pos_delta = torch.zeros(start, dtype=torch.int64)
     for row, buf in zip(rows, bufs):
         pos_delta[row.start: row.start + row.num_nodes] = torch.arange(row.num_nodes) - buf.depth
-    kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window), reqs, dtype, isa)
+    kernel = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window, **impl_kw), reqs, dtype,
+                     isa)
     step = _tree_step(rows, pos_delta)
-    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch, sliding_window=window), reqs, dtype, isa, step,
-                  scratch)
+    got = _attend(_impl(TreeCPUAttentionImpl, dtype, monkeypatch, sliding_window=window, **impl_kw), reqs, dtype, isa,
+                  step, scratch)
     branches, owners = [], []                                   # owners[b] = (query row of each branch node)
     for row, buf in zip(rows, bufs):
         (k, v, q), L = reqs[row.req_index], row.prefix_len
@@ -164,7 +165,8 @@ def _tree_case(layout, dtype, isa, scratch, monkeypatch, window=None):
             path = path[path >= 0].long()                       # E.g. [0, 1, 3, 5]: slots L, L+1, L+3, L+5
             branches.append((torch.cat([k[:L], k[L + path]]), torch.cat([v[:L], v[L + path]]), q[path]))
             owners.append(row.start + path)
-    chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window), branches, dtype, isa)
+    chains = _attend(_impl(CPUAttentionBackendImpl, dtype, monkeypatch, sliding_window=window, **impl_kw), branches,
+                     dtype, isa)
     want = kernel.clone()
     want[torch.cat(owners)] = chains
     return got, kernel, want, step
@@ -192,6 +194,20 @@ def test_tree_rows_equal_per_branch_chains(dtype, isa, scratch, window, monkeypa
     torch.testing.assert_close(got[chain_rows].float(), kernel[chain_rows].float(), atol=tol, rtol=0)
     node5 = rows[2].start + 5     # L = 1, parent 0: the causal kernel also let it see nodes 1..4 (window 1: neither)
     assert window == 1 or (got[node5].float() - kernel[node5].float()).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("scratch", [0, 12], ids=["recompute", "paths"])
+def test_soft_capped_tree_rows_equal_per_branch_chains(scratch, monkeypatch):
+    """Logits soft-capped at 2 (Gemma-2 caps at 50; 2 bends every logit here): the kernel caps the paths, the
+    recompute caps its own scores the same way."""
+    torch.manual_seed(0)
+    layout = [(45, compile_tree(TREE)), (20, None), (1, compile_tree(TREE))]
+    got, kernel, want, step = _tree_case(layout, torch.float32, "vec", scratch, monkeypatch, logits_soft_cap=2.0)
+    assert step.recomputed_trees == (2 if scratch == 0 else 0)
+    torch.testing.assert_close(got, want, atol=TOL[torch.float32], rtol=0)
+    torch.manual_seed(0)                                               # the same inputs again, uncapped
+    uncapped = _tree_case(layout, torch.float32, "vec", scratch, monkeypatch)[2]
+    assert (want - uncapped).abs().max() > 0.1                       # the cap changes the outputs
 
 
 @pytest.mark.parametrize("dtype, isa", CASES)
@@ -310,13 +326,13 @@ def test_tree_attention_plan_pads_rows_to_the_largest_tree_and_prefix():
 
 def test_tree_refuses_unsupported_features(monkeypatch):
     impl = _impl(TreeCPUAttentionImpl, torch.float32, monkeypatch, logits_soft_cap=30.0)
-    impl.sliding_window = 16
+    impl.sliding_window, impl.alibi_slopes = 16, torch.ones(H_Q)
     k, v = _seq(8, torch.float32)
     reqs = [(k, v, torch.randn(6, H_Q, D))]
     step = _tree_step([_tree_row(compile_tree(TREE), 0, 0, 2)], torch.zeros(6, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="support logits soft cap;") as e:   # a window alone runs
+    with pytest.raises(NotImplementedError, match="support ALiBi;") as e:   # a window and a soft cap run
         _attend(impl, reqs, torch.float32, "vec", step)
-    assert "sliding window" not in str(e.value)
+    assert "sliding window" not in str(e.value) and "soft cap" not in str(e.value)
     assert not _attend(impl, reqs, torch.float32, "vec").isnan().any()    # no tree: the stock kernel path
 
 

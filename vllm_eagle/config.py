@@ -211,9 +211,7 @@ def tree_attention_unsupported(vllm_config) -> list[str]:
     """What the target's attention uses that tree verification cannot run, as its config tells before any engine
     starts (tree_attention.TreeCPUAttentionImpl checks its layers again at the first tree step)."""
     text, cache = vllm_config.model_config.hf_text_config, vllm_config.cache_config
-    softcap = getattr(text, "attn_logit_softcapping", None)
     return [name for name, bad in (
-        ("attention logits soft cap", softcap not in (None, 0, 0.0)),
         ("ALiBi", bool(getattr(text, "alibi", False) or getattr(text, "position_embedding_type", "") == "alibi")),
         (f"{cache.cache_dtype} KV cache", str(cache.cache_dtype).startswith("fp8")),
     ) if bad]

@@ -98,7 +98,8 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
                             output_block_scale)
         kernel_s = time.perf_counter() - t1                     # the kernel's own time is not tree overhead
         if recompute:
-            o = tree_rows_attention(query, kv_cache, recompute, layer.isa, self.num_kv_heads, self.scale)
+            o = tree_rows_attention(query, kv_cache, recompute, layer.isa, self.num_kv_heads, self.scale,
+                                    self.logits_soft_cap)
             out.index_copy_(0, recompute.out_rows, o.to(out.dtype))
         tree.attention_s += time.perf_counter() - t0 - kernel_s
         return output
@@ -106,7 +107,6 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
     def _check_tree_supported(self) -> None:
         unsupported = [name for name, bad in (
             ("ALiBi", self.alibi_slopes is not None),
-            ("logits soft cap", self.logits_soft_cap != 0),
             ("attention sinks", self.sinks is not None),
             ("fp8 KV cache", self.is_fp8_kv_cache),
             (f"attention type {self.attn_type}", self.attn_type != AttentionType.DECODER),
@@ -312,7 +312,7 @@ def reserve_scratch_blocks(kv_cache_config, num: int):
 
 
 def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "TreeAttentionPlan", isa: str,
-                        num_kv_heads: int, scale: float) -> torch.Tensor:
+                        num_kv_heads: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """The tree rows' attention over prefix + ancestors, in the cache's dtype (torch's CPU SDPA accumulates a bf16
     one in fp32, as the stock kernel does).
 
@@ -324,7 +324,12 @@ def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "Tree
     # Query head h reads KV head h // G: fold each KV head's G query heads into its rows (plain multi-head
     # attention over num_kv_heads, G * N rows, no K/V expansion: faster than enable_gqa; docs/notes.md).
     q = query[plan.query_rows].view(R, N, H, G, hs).permute(0, 2, 3, 1, 4).reshape(R, H, G * N, hs)
-    o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=plan.bias, scale=scale)
+    if softcap:             # logits soft-capped as the kernel does (Gemma-2): cap * tanh(s / cap), in fp32
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        s = softcap * torch.tanh(s / softcap) + plan.bias.float()
+        o = torch.matmul(torch.softmax(s, dim=-1), v.float()).to(k.dtype)
+    else:
+        o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=plan.bias, scale=scale)
     o = o.view(R, H, G, N, hs).permute(0, 3, 1, 2, 4).reshape(R * N, H * G, hs)   # [R * N, num_heads, hs]
     return o.index_select(0, plan.valid_rows)
 
