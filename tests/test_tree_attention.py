@@ -381,18 +381,29 @@ def test_scratch_block_count_covers_every_schedulable_tree_up_to_a_quarter_of_th
 
 def test_reserve_scratch_blocks_extends_every_layer_past_the_schedulers_blocks():
     """The docstring's example (SmolLM2 fp32, 1 GiB: 182 blocks of 196,608 bytes, 30 layers); the engine's own
-    config is left alone, and a layout it does not know gets no scratch."""
-    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheTensor
+    config is left alone, and a layout it does not know gets no scratch. Two KV cache groups (Gemma-3's sliding and
+    full layers, one tensor each aliasing one allocation): every tensor grows by both groups' blocks, and each group
+    gets ids of its own, which the runner's state hands to that group's layers only."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm_eagle.tree_attention import reserve_scratch_blocks
     page, layers = 196_608, [f"model.layers.{i}.self_attn.attn" for i in range(30)]
     engine = KVCacheConfig(num_blocks=182, kv_cache_groups=[], kv_cache_tensors=[KVCacheTensor(
         size=30 * 182 * page, layers=layers, layer_stride=182 * page, block_stride=page)])
     config, scratch = reserve_scratch_blocks(engine, 16)
-    assert scratch.tolist() == list(range(182, 198)) and config.num_blocks == 198
+    assert [s.tolist() for s in scratch] == [list(range(182, 198))] and config.num_blocks == 198
     t = config.kv_cache_tensors[0]
     assert (t.layer_stride, t.block_stride, t.size) == (198 * page, page, 30 * 198 * page)
     assert engine.num_blocks == 182 and engine.kv_cache_tensors[0].size == 30 * 182 * page
     blocked = KVCacheConfig(num_blocks=182, kv_cache_groups=[], kv_cache_tensors=[KVCacheTensor(   # block-outermost
         size=30 * 182 * page, layers=layers, layer_stride=page, block_stride=30 * page)])
     same, none = reserve_scratch_blocks(blocked, 16)
-    assert same is blocked and none.numel() == 0
+    assert same is blocked and none == []
+    groups = [KVCacheGroupSpec(layers[g::2], None) for g in (0, 1)]
+    hybrid = KVCacheConfig(num_blocks=182, kv_cache_groups=groups, kv_cache_tensors=[KVCacheTensor(
+        size=15 * 182 * page, layers=g.layer_names, layer_stride=182 * page, block_stride=page) for g in groups])
+    config, scratch = reserve_scratch_blocks(hybrid, 16)
+    assert [s.tolist() for s in scratch] == [list(range(182, 198)), list(range(198, 214))]
+    assert config.num_blocks == 214 and all(t.size == 15 * 214 * page for t in config.kv_cache_tensors)
+    state = TreeAttentionState.for_groups(scratch, [g.layer_names for g in groups])
+    assert state.scratch_of(layers[3]).tolist() == list(range(198, 214)) and state.scratch.numel() == 32
+    assert TreeAttentionState.for_groups(scratch[:1], [layers]).scratch_of(layers[3]).tolist() == list(range(182, 198))

@@ -65,8 +65,9 @@ C4  Tree sampling reads the runner's per-request sampling state: runner.requests
     vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p (acceptance.target_probs_for).
 C6  GPUModelRunner.initialize_kv_cache(kv_cache_config, ...), overridden by worker.EagleCPUModelRunner to allocate
     scratch blocks per layer beyond those the scheduler knows of (tree_attention.reserve_scratch_blocks): it
-    edits a copy of KVCacheConfig.num_blocks and its one KVCacheTensor's size / layer_stride (allocate_kv_cache
-    places layer l, block b at offset + l * layer_stride + b * block_stride). A layout it does not recognise gets no
+    edits a copy of KVCacheConfig.num_blocks and its KVCacheTensors' size / layer_stride (allocate_kv_cache
+    places layer l, block b at offset + l * layer_stride + b * block_stride; the tensors of several KV cache groups
+    alias one allocation, so each group gets block ids of its own). A layout it does not recognise gets no
     scratch, and trees fall back to the recompute (exact, slower).
 C5  vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm(layer, remove_weight) and the `layer.cpu_linear(x,
     weight, bias)` it installs: proposer.engine_linear runs the draft head's GEMMs on vLLM's prepacked CPU kernel.

@@ -70,12 +70,12 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         plan_key = (attn_metadata.block_table.data_ptr(), kv_cache.shape[2], self.num_heads, self.num_kv_heads,
                     self.head_size, self.sliding_window)
         if plan_key not in tree.plans:
-            scratch = tree.state.scratch
+            scratch = tree.state.scratch_of(getattr(layer, "layer_name", None))
             if scratch.numel() and int(scratch.max()) >= kv_cache.shape[0]:
                 raise RuntimeError(f"tree scratch blocks {scratch.tolist()} lie beyond this layer's "
                                    f"{kv_cache.shape[0]} KV blocks (vLLM split or resized its blocks?)")
             rows = tree.layout.rows
-            paths = plan_tree_paths(rows, attn_metadata, kv_cache.shape[2], tree.state.private_blocks(plan_key),
+            paths = plan_tree_paths(rows, attn_metadata, kv_cache.shape[2], tree.state.private_blocks(plan_key, scratch),
                                     tree.state.step, self, query.dtype, layer.isa)
             todo = [r for r in rows if r.req_index in paths.recompute]
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
@@ -155,16 +155,29 @@ class TreeAttentionState:
     """Tree attention's state across steps, owned by the model runner: the scratch blocks no request owns
     (reserve_scratch_blocks) and, per KV cache group (plan key), which of them mirror which request's block."""
     scratch: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [S]
+    # With several KV cache groups (their layers alias one allocation, so block ids are shared): layer name -> its
+    # group's own share of `scratch`. Empty with one group, whose layers all use `scratch`.
+    layer_scratch: dict = dataclasses.field(default_factory=dict)
     private: dict = dataclasses.field(default_factory=dict)   # plan key -> PrivateBlocks
     step: int = 0               # the runner's step number (consecutive steps differ by 1)
 
-    def private_blocks(self, plan_key) -> PrivateBlocks:
-        """This KV cache group's entry, new with every scratch block free the first time; groups not planned in the
-        previous step are dropped (a step without trees leaves every mirror stale anyway)."""
+    @classmethod
+    def for_groups(cls, scratch: list[torch.Tensor], layer_names: list[list[str]]) -> "TreeAttentionState":
+        """scratch[g]: the ids reserved for KV cache group g, whose layers are layer_names[g]."""
+        if len(scratch) == 1:
+            return cls(scratch[0])
+        return cls(torch.cat(scratch), {name: ids for ids, names in zip(scratch, layer_names) for name in names})
+
+    def scratch_of(self, layer_name: str | None) -> torch.Tensor:
+        return self.layer_scratch.get(layer_name, self.scratch) if self.layer_scratch else self.scratch
+
+    def private_blocks(self, plan_key, scratch: torch.Tensor) -> PrivateBlocks:
+        """This KV cache group's entry, new with every one of its scratch blocks free the first time; groups not
+        planned in the previous step are dropped (a step without trees leaves every mirror stale anyway)."""
         for key in [k for k, g in self.private.items() if g.step < self.step - 1]:
             del self.private[key]
         if plan_key not in self.private:
-            self.private[plan_key] = PrivateBlocks(self.scratch.tolist())
+            self.private[plan_key] = PrivateBlocks(scratch.tolist())
         return self.private[plan_key]
 
 
@@ -294,21 +307,22 @@ def scratch_block_count(max_leaves: int, max_num_seqs: int, num_blocks: int) -> 
 
 
 def reserve_scratch_blocks(kv_cache_config, num: int):
-    """-> (a copy of vLLM's KV cache config whose layers each have `num` more blocks, their ids), or (the config,
-    empty) if its layout is not the one-tensor, layer-outermost one this CPU backend allocates. The scheduler keeps
+    """-> (a copy of vLLM's KV cache config with `num` more blocks per KV cache group, [each group's new block ids]),
+    or (the config, []) if its layout is not the layer-outermost one this CPU backend allocates. Groups' layers alias
+    one allocation (a block id belongs to one group at a time), so each group gets ids of its own. The scheduler keeps
     the original config, so it never hands these blocks to a request. E.g. SmolLM2 fp32 with 1 GiB: 182 blocks of
-    196,608 bytes per layer, 30 layers; with num 16 every layer's 182 + 16 blocks sit 198 * 196,608 bytes apart."""
-    tensors, n = kv_cache_config.kv_cache_tensors, kv_cache_config.num_blocks
-    if (len(tensors) != 1 or tensors[0].offset != 0 or tensors[0].host_resident
-            or tensors[0].layer_stride != tensors[0].block_stride * n
-            or tensors[0].size != tensors[0].layer_stride * len(tensors[0].layers)):
-        return kv_cache_config, torch.zeros(0, dtype=torch.long)
+    196,608 bytes per layer, 30 layers, one group; with num 16 every layer's 182 + 16 blocks sit 198 * 196,608 bytes
+    apart, and blocks 182..197 are the scratch."""
+    tensors, n, groups = kv_cache_config.kv_cache_tensors, kv_cache_config.num_blocks, len(kv_cache_config.kv_cache_groups)
+    if not tensors or any(t.offset != 0 or t.host_resident or t.layer_stride != t.block_stride * n
+                          or t.size != t.layer_stride * len(t.layers) for t in tensors):
+        return kv_cache_config, []
     config = deepcopy(kv_cache_config)
-    t = config.kv_cache_tensors[0]
-    config.num_blocks = n + num
-    t.layer_stride = t.block_stride * config.num_blocks
-    t.size = t.layer_stride * len(t.layers)
-    return config, torch.arange(n, n + num)
+    config.num_blocks = n + max(1, groups) * num
+    for t in config.kv_cache_tensors:
+        t.layer_stride = t.block_stride * config.num_blocks
+        t.size = t.layer_stride * len(t.layers)
+    return config, [torch.arange(n + g * num, n + (g + 1) * num) for g in range(max(1, groups))]
 
 
 def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "TreeAttentionPlan", isa: str,

@@ -96,10 +96,12 @@ class EagleCPUModelRunner(CPUModelRunner):
         if self._ours() and self.drafter.options.tree != "chain":
             tree = self.drafter.tree                            # None: dynamic, at most K leaves
             leaves = tree.retrieve.shape[0] if tree is not None else self.drafter.options.num_speculative_tokens
+            groups = [g.layer_names for g in kv_cache_config.kv_cache_groups]
             num = scratch_block_count(leaves, self.vllm_config.scheduler_config.max_num_seqs,
-                                      kv_cache_config.num_blocks)
+                                      kv_cache_config.num_blocks // max(1, len(groups)))
             kv_cache_config, scratch = reserve_scratch_blocks(kv_cache_config, num)
-            self._tree_state = TreeAttentionState(scratch)
+            if scratch:
+                self._tree_state = TreeAttentionState.for_groups(scratch, groups)
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
 
     def load_model(self, *args, **kwargs) -> None:
