@@ -75,8 +75,9 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
                 raise RuntimeError(f"tree scratch blocks {scratch.tolist()} lie beyond this layer's "
                                    f"{kv_cache.shape[0]} KV blocks (vLLM split or resized its blocks?)")
             rows = tree.layout.rows
-            paths = plan_tree_paths(rows, attn_metadata, kv_cache.shape[2], tree.state.private_blocks(plan_key, scratch),
-                                    tree.state.step, self, query.dtype, layer.isa)
+            private = tree.state.private_blocks(plan_key, scratch)
+            paths = plan_tree_paths(rows, attn_metadata, kv_cache.shape[2], private, tree.state.step, self,
+                                    query.dtype, layer.isa)
             todo = [r for r in rows if r.req_index in paths.recompute]
             tree.plans[plan_key] = (paths, todo and plan_tree_attention(
                 todo, attn_metadata.block_table, kv_cache.shape[2], self.num_heads // self.num_kv_heads,
@@ -169,7 +170,7 @@ class TreeAttentionState:
         return cls(torch.cat(scratch), {name: ids for ids, names in zip(scratch, layer_names) for name in names})
 
     def scratch_of(self, layer_name: str | None) -> torch.Tensor:
-        return self.layer_scratch.get(layer_name, self.scratch) if self.layer_scratch else self.scratch
+        return self.layer_scratch.get(layer_name, self.scratch)
 
     def private_blocks(self, plan_key, scratch: torch.Tensor) -> PrivateBlocks:
         """This KV cache group's entry, new with every one of its scratch blocks free the first time; groups not
@@ -313,16 +314,17 @@ def reserve_scratch_blocks(kv_cache_config, num: int):
     the original config, so it never hands these blocks to a request. E.g. SmolLM2 fp32 with 1 GiB: 182 blocks of
     196,608 bytes per layer, 30 layers, one group; with num 16 every layer's 182 + 16 blocks sit 198 * 196,608 bytes
     apart, and blocks 182..197 are the scratch."""
-    tensors, n, groups = kv_cache_config.kv_cache_tensors, kv_cache_config.num_blocks, len(kv_cache_config.kv_cache_groups)
+    tensors, n = kv_cache_config.kv_cache_tensors, kv_cache_config.num_blocks
+    groups = max(1, len(kv_cache_config.kv_cache_groups))
     if not tensors or any(t.offset != 0 or t.host_resident or t.layer_stride != t.block_stride * n
                           or t.size != t.layer_stride * len(t.layers) for t in tensors):
         return kv_cache_config, []
     config = deepcopy(kv_cache_config)
-    config.num_blocks = n + max(1, groups) * num
+    config.num_blocks = n + groups * num
     for t in config.kv_cache_tensors:
         t.layer_stride = t.block_stride * config.num_blocks
         t.size = t.layer_stride * len(t.layers)
-    return config, [torch.arange(n + g * num, n + (g + 1) * num) for g in range(max(1, groups))]
+    return config, [torch.arange(n + g * num, n + (g + 1) * num) for g in range(groups)]
 
 
 def tree_rows_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: "TreeAttentionPlan", isa: str,
