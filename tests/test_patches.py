@@ -87,6 +87,13 @@ def test_contact_points_keep_their_shape():
     assert {"size", "layers", "layer_stride", "block_stride", "offset", "host_resident"} <= {
         f.name for f in dataclasses.fields(KVCacheTensor)}
     assert {"num_blocks", "kv_cache_tensors"} <= {f.name for f in dataclasses.fields(KVCacheConfig)}
+    # C2/C6: the tree attention finds a layer's KV cache group's scratch by the layer's name
+    from vllm.model_executor.layers.attention.attention import Attention
+    assert "prefix" in inspect.signature(Attention.__init__).parameters and "self.layer_name = prefix" in \
+        inspect.getsource(Attention.__init__)
+    # C3: KV commit reads block_table[g].slot_mapping.gpu (vLLM computes the slot mapping into .gpu)
+    from vllm.v1.worker.block_table import BlockTable
+    assert "self.slot_mapping.gpu" in inspect.getsource(BlockTable.compute_slot_mapping)
 
 
 def test_eagle_flags_expand_to_engine_args(tiny, tiny_random_head):

@@ -67,7 +67,8 @@ C6  GPUModelRunner.initialize_kv_cache(kv_cache_config, ...), overridden by work
     scratch blocks per layer beyond those the scheduler knows of (tree_attention.reserve_scratch_blocks): it
     edits a copy of KVCacheConfig.num_blocks and its KVCacheTensors' size / layer_stride (allocate_kv_cache
     places layer l, block b at offset + l * layer_stride + b * block_stride; the tensors of several KV cache groups
-    alias one allocation, so each group gets block ids of its own). A layout it does not recognise gets no
+    alias one allocation, so each group gets block ids of its own; tree attention finds a layer's group by the
+    Attention layer's `layer_name`). A layout it does not recognise gets no
     scratch, and trees fall back to the recompute (exact, slower).
 C5  vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm(layer, remove_weight) and the `layer.cpu_linear(x,
     weight, bias)` it installs: proposer.engine_linear runs the draft head's GEMMs on vLLM's prepacked CPU kernel.
